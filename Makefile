@@ -1,0 +1,49 @@
+# skillkv — the commands a developer and CI use. `make help` lists them.
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+
+CARGO      ?= cargo
+PYTHON     ?= python3
+VENV       ?= .venv
+VPY        := $(VENV)/bin/python
+MODEL_DIR  ?= $(HOME)/.cache/skillkv/models
+export SKILLKV_MODEL_DIR := $(MODEL_DIR)
+export SKILLKV_MODEL ?= $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+
+# nextest when installed (it is on the project's machines), cargo test otherwise.
+RUST_TEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nextest run --no-fail-fast" || echo "test --no-fail-fast")
+
+.PHONY: help test fmt-check clippy rust-test crds crds-check chart-test venv model
+
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+
+test: fmt-check clippy crds-check rust-test chart-test ## everything CI checks
+	@echo "make test: all checks passed"
+
+fmt-check: ## rustfmt, checking only
+	$(CARGO) fmt --all --check
+
+clippy: ## clippy on every target and feature, warnings are errors
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
+
+rust-test: model ## unit, integration and e2e tests of every crate
+	$(CARGO) $(RUST_TEST) --workspace --all-features
+
+crds: ## regenerate the CRD manifests from the Rust types
+	$(CARGO) run --quiet -p skillkv-api --bin crdgen -- .
+
+crds-check: ## fail if the committed CRD manifests drift from the types
+	$(CARGO) run --quiet -p skillkv-api --bin crdgen -- --check .
+
+chart-test: venv ## lint and render the Helm chart with Helm's Go SDK, validate every object
+	$(VPY) -m pytest -q tests/chart
+
+venv: $(VENV)/.installed ## the Python tools the tests use, pinned in requirements-test.txt
+$(VENV)/.installed: requirements-test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-test.txt
+	touch $@
+
+model: ## fetch the default model (SmolLM2-135M-Instruct Q4_1) into $(MODEL_DIR)
+	scripts/fetch-model.sh

@@ -1,0 +1,1 @@
+//! CUDA kernels and their CPU reference implementations.
