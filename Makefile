@@ -13,12 +13,12 @@ export SKILLKV_MODEL ?= $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 # nextest when installed (it is on the project's machines), cargo test otherwise.
 RUST_TEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nextest run --no-fail-fast" || echo "test --no-fail-fast")
 
-.PHONY: help test fmt-check clippy rust-test crds crds-check chart-test venv model
+.PHONY: help test fmt-check clippy rust-test crds crds-check chart-test venv model run api-test
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
-test: fmt-check clippy crds-check rust-test chart-test ## everything CI checks
+test: fmt-check clippy crds-check rust-test chart-test api-test ## everything CI checks
 	@echo "make test: all checks passed"
 
 fmt-check: ## rustfmt, checking only
@@ -47,3 +47,18 @@ $(VENV)/.installed: requirements-test.txt
 
 model: ## fetch the default model (SmolLM2-135M-Instruct Q4_1) into $(MODEL_DIR)
 	scripts/fetch-model.sh
+
+api-test: venv model ## OpenAI-client conformance, SSE, load and shutdown tests against a real daemon
+	$(VPY) -m pytest -q tests/api
+
+RUN_PORT   ?= 8080
+RUN_MODEL_ID = $(basename $(notdir $(SKILLKV_MODEL)))
+run: ## release build, fetch the model if missing, serve it on localhost:$(RUN_PORT)
+	$(CARGO) build --release -p skillkv-daemon --bin skillkv
+	@test -f "$(SKILLKV_MODEL)" || $(MAKE) model
+	@echo "serving $(SKILLKV_MODEL) on http://127.0.0.1:$(RUN_PORT) (Ctrl-C stops it). Try:"
+	@echo "  curl -s http://127.0.0.1:$(RUN_PORT)/v1/chat/completions -H 'content-type: application/json' \\"
+	@echo "    -d '{\"model\":\"$(RUN_MODEL_ID)\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello!\"}],\"max_tokens\":32}'"
+	@echo "  python3 -c \"from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:$(RUN_PORT)/v1', api_key='none'); \\"
+	@echo "    print(c.chat.completions.create(model='$(RUN_MODEL_ID)', messages=[{'role': 'user', 'content': 'Hello!'}]).choices[0].message.content)\""
+	$(CARGO) run --quiet --release -p skillkv-daemon --bin skillkv -- serve --model "$(SKILLKV_MODEL)" --host 127.0.0.1 --port $(RUN_PORT)

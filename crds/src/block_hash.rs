@@ -154,12 +154,30 @@ mod tests {
         let tokens: Vec<u32> = (0..16).collect();
         let base = ns().block_hashes(&tokens)[0];
         let variants = [
-            HashNamespace { model_digest: "m2".into(), ..ns() },
-            HashNamespace { tokenizer_digest: "t2".into(), ..ns() },
-            HashNamespace { adapter_id: Some("a".into()), ..ns() },
-            HashNamespace { adapter_id: Some(String::new()), ..ns() },
-            HashNamespace { kv_dtype: "f16".into(), ..ns() },
-            HashNamespace { kv_format_version: 2, ..ns() },
+            HashNamespace {
+                model_digest: "m2".into(),
+                ..ns()
+            },
+            HashNamespace {
+                tokenizer_digest: "t2".into(),
+                ..ns()
+            },
+            HashNamespace {
+                adapter_id: Some("a".into()),
+                ..ns()
+            },
+            HashNamespace {
+                adapter_id: Some(String::new()),
+                ..ns()
+            },
+            HashNamespace {
+                kv_dtype: "f16".into(),
+                ..ns()
+            },
+            HashNamespace {
+                kv_format_version: 2,
+                ..ns()
+            },
         ];
         for v in variants {
             assert_ne!(v.block_hashes(&tokens)[0], base, "{v:?}");

@@ -130,7 +130,10 @@ fn stale_files(dir: &Path, manifests: &[Manifest]) -> Result<Vec<PathBuf>, Gener
     let mut stale = Vec::new();
     for entry in entries {
         let path = entry.map_err(|source| io("listing", dir, source))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if name.ends_with(".yaml") && !manifests.iter().any(|m| m.file_name == name) {
             stale.push(path);
         }

@@ -2,7 +2,9 @@
 //! types (which generate the CRD manifests), the daemon admin-protocol types, and the prefix
 //! block hash that the daemons' radix cache and the router's prefix index share.
 
+pub mod admin;
 pub mod block_hash;
 pub mod crdgen;
 pub mod reference;
+pub mod skills;
 pub mod v1alpha1;

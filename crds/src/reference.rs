@@ -7,7 +7,13 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use serde_json::Value;
 
 /// Kubernetes' own types, documented upstream; their fields are not expanded.
-const UPSTREAM_TYPES: [&str; 5] = ["affinity", "tolerations", "apiKeys", "conditions", "metadata"];
+const UPSTREAM_TYPES: [&str; 5] = [
+    "affinity",
+    "tolerations",
+    "apiKeys",
+    "conditions",
+    "metadata",
+];
 
 /// The whole reference document for `crds`.
 pub fn render(crds: &[CustomResourceDefinition]) -> String {
@@ -30,7 +36,10 @@ pub fn render(crds: &[CustomResourceDefinition]) -> String {
             names.categories.clone().unwrap_or_default().join("`, `"),
         );
         for part in ["spec", "status"] {
-            let _ = write!(out, "\n### `{part}`\n\n| field | type | description | validation |\n|---|---|---|---|\n");
+            let _ = write!(
+                out,
+                "\n### `{part}`\n\n| field | type | description | validation |\n|---|---|---|---|\n"
+            );
             rows(&root["properties"][part], part, &mut out);
         }
     }
@@ -51,7 +60,10 @@ fn rows(schema: &Value, path: &str, out: &mut String) {
         if required.contains(&name.as_str()) {
             rules.insert(0, "required".into());
         }
-        let description = prop["description"].as_str().unwrap_or_default().replace('\n', " ");
+        let description = prop["description"]
+            .as_str()
+            .unwrap_or_default()
+            .replace('\n', " ");
         let _ = writeln!(
             out,
             "| `{here}` | {} | {} | {} |",
@@ -92,13 +104,21 @@ fn constraints(prop: &Value) -> Vec<String> {
         }
     }
     if let Some(values) = prop["enum"].as_array() {
-        let values: Vec<String> = values.iter().filter_map(Value::as_str).map(|v| format!("`{v}`")).collect();
+        let values: Vec<String> = values
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|v| format!("`{v}`"))
+            .collect();
         rules.push(format!("one of {}", values.join(", ")));
     }
     if let Some(p) = prop["pattern"].as_str() {
         rules.push(format!("pattern `{p}`"));
     }
-    for rule in prop["x-kubernetes-validations"].as_array().into_iter().flatten() {
+    for rule in prop["x-kubernetes-validations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         rules.push(format!(
             "CEL `{}`: {}",
             rule["rule"].as_str().unwrap_or_default(),

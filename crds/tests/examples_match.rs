@@ -16,10 +16,20 @@ fn every_skill_yaml_inlines_its_skill_md() {
         if !md.is_file() {
             continue;
         }
-        let skill: Skill = serde_yaml::from_str(&std::fs::read_to_string(&yaml).expect("skill.yaml beside SKILL.md"))
-            .unwrap_or_else(|e| panic!("{}: {e}", yaml.display()));
-        let folder = dir.file_name().and_then(|n| n.to_str()).expect("utf-8 name");
-        assert_eq!(skill.metadata.name.as_deref(), Some(folder), "{}", yaml.display());
+        let skill: Skill = serde_yaml::from_str(
+            &std::fs::read_to_string(&yaml).expect("skill.yaml beside SKILL.md"),
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", yaml.display()));
+        let folder = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("utf-8 name");
+        assert_eq!(
+            skill.metadata.name.as_deref(),
+            Some(folder),
+            "{}",
+            yaml.display()
+        );
         assert_eq!(
             skill.spec.source.inline.as_deref(),
             Some(std::fs::read_to_string(&md).expect("readable").as_str()),
@@ -29,5 +39,8 @@ fn every_skill_yaml_inlines_its_skill_md() {
         );
         checked += 1;
     }
-    assert!(checked >= 3, "expected the three bundled skills, found {checked}");
+    assert!(
+        checked >= 3,
+        "expected the three bundled skills, found {checked}"
+    );
 }

@@ -12,7 +12,6 @@ use skillkv_api::v1alpha1;
 /// The schema checks of one CRD: the structural OpenAPI schema (draft 4 semantics, as the
 /// apiserver's OpenAPI v3.0 subset) and the CEL `x-kubernetes-validations`.
 struct CrdValidator {
-    kind: String,
     schema: Value,
     openapi: jsonschema::Validator,
 }
@@ -35,11 +34,7 @@ impl CrdValidator {
             .expect("every CRD has an openAPIV3Schema");
         let schema = serde_json::to_value(schema).expect("schema serializes");
         let openapi = jsonschema::draft4::new(&schema).expect("schema compiles as JSON Schema");
-        Self {
-            kind: crd.spec.names.kind.clone(),
-            schema,
-            openapi,
-        }
+        Self { schema, openapi }
     }
 
     /// Every problem with `object`, each as `field: message`.
@@ -76,7 +71,6 @@ fn yaml_documents(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-
 /// Every example manifest: skills/*/skill.yaml and skills/examples/*.yaml.
 fn example_files() -> Vec<PathBuf> {
     let skills = repo_root().join("skills");
@@ -104,7 +98,12 @@ fn every_example_manifest_is_valid() {
     for file in &files {
         for object in yaml_documents(file) {
             let kind = object["kind"].as_str().expect("every example has a kind");
-            assert_eq!(object["apiVersion"], "skillkv.io/v1alpha1", "{}", file.display());
+            assert_eq!(
+                object["apiVersion"],
+                "skillkv.io/v1alpha1",
+                "{}",
+                file.display()
+            );
             let errors = CrdValidator::for_kind(kind).errors(&object);
             assert!(errors.is_empty(), "{}: {errors:#?}", file.display());
             kinds_seen.insert(kind.to_owned());
@@ -138,7 +137,9 @@ fn assert_rejected(object: Value, field: &str, words: &str) {
     let kind = object["kind"].as_str().expect("kind").to_owned();
     let errors = CrdValidator::for_kind(&kind).errors(&object);
     assert!(
-        errors.iter().any(|e| e.contains(field) && e.contains(words)),
+        errors
+            .iter()
+            .any(|e| e.contains(field) && e.contains(words)),
         "{kind} should be rejected naming `{field}` with `{words}`; errors: {errors:#?}"
     );
 }
@@ -156,7 +157,9 @@ fn minimal_objects_of_every_kind_are_valid() {
     for object in [
         skill(good_skill_spec()),
         model_deployment(good_model_spec()),
-        lora(serde_json::json!({"modelRef": {"name": "m"}, "source": {"uri": "file:///adapters/a"}, "servedName": "m-a"})),
+        lora(
+            serde_json::json!({"modelRef": {"name": "m"}, "source": {"uri": "file:///adapters/a"}, "servedName": "m-a"}),
+        ),
         policy(serde_json::json!({"limits": {"requestsPerMinute": 60}})),
     ] {
         let kind = object["kind"].as_str().expect("kind").to_owned();
@@ -167,14 +170,22 @@ fn minimal_objects_of_every_kind_are_valid() {
 
 #[test]
 fn skill_without_a_source_is_rejected() {
-    assert_rejected(skill(serde_json::json!({"modelRef": {"name": "m"}})), "/spec", "source");
+    assert_rejected(
+        skill(serde_json::json!({"modelRef": {"name": "m"}})),
+        "/spec",
+        "source",
+    );
 }
 
 #[test]
 fn skill_with_both_sources_is_rejected() {
     let mut spec = good_skill_spec();
     spec["source"]["configMapRef"] = serde_json::json!({"name": "cm", "key": "SKILL.md"});
-    assert_rejected(skill(spec), "spec.source", "exactly one of source.inline or source.configMapRef");
+    assert_rejected(
+        skill(spec),
+        "spec.source",
+        "exactly one of source.inline or source.configMapRef",
+    );
 }
 
 #[test]
@@ -203,7 +214,11 @@ fn skill_with_negative_replicas_or_priority_out_of_range_is_rejected() {
 
 #[test]
 fn skill_without_a_model_is_rejected() {
-    assert_rejected(skill(serde_json::json!({"source": {"inline": "x"}})), "/spec", "modelRef");
+    assert_rejected(
+        skill(serde_json::json!({"source": {"inline": "x"}})),
+        "/spec",
+        "modelRef",
+    );
 }
 
 #[test]
@@ -217,7 +232,11 @@ fn model_deployment_with_negative_replicas_is_rejected() {
 fn model_deployment_with_min_above_max_is_rejected() {
     let mut spec = good_model_spec();
     spec["autoscaling"] = serde_json::json!({"minReplicas": 5, "maxReplicas": 2});
-    assert_rejected(model_deployment(spec), "spec.autoscaling", "minReplicas must not exceed");
+    assert_rejected(
+        model_deployment(spec),
+        "spec.autoscaling",
+        "minReplicas must not exceed",
+    );
 }
 
 #[test]
@@ -229,7 +248,11 @@ fn model_deployment_fractions_must_be_in_the_unit_interval() {
     ] {
         let mut spec = good_model_spec();
         spec["engine"] = serde_json::json!({ field: value });
-        assert_rejected(model_deployment(spec), &format!("spec.engine.{field}"), "must be in (0, 1]");
+        assert_rejected(
+            model_deployment(spec),
+            &format!("spec.engine.{field}"),
+            "must be in (0, 1]",
+        );
     }
     let mut spec = good_model_spec();
     spec["engine"] = serde_json::json!({"pinnedFraction": 1.0, "kvCacheFraction": 0.9});
@@ -241,7 +264,11 @@ fn model_deployment_fractions_must_be_in_the_unit_interval() {
 fn model_deployment_with_both_kv_sizes_is_rejected() {
     let mut spec = good_model_spec();
     spec["engine"] = serde_json::json!({"kvCacheBytes": 1073741824_i64, "kvCacheFraction": 0.5});
-    assert_rejected(model_deployment(spec), "spec.engine", "at most one of engine.kvCacheBytes");
+    assert_rejected(
+        model_deployment(spec),
+        "spec.engine",
+        "at most one of engine.kvCacheBytes",
+    );
 }
 
 #[test]
@@ -251,10 +278,18 @@ fn model_deployment_with_a_bad_uri_dtype_or_digest_is_rejected() {
     assert_rejected(model_deployment(spec), "/spec/model/uri", "does not match");
     let mut spec = good_model_spec();
     spec["model"]["sha256"] = "abc".into();
-    assert_rejected(model_deployment(spec), "/spec/model/sha256", "does not match");
+    assert_rejected(
+        model_deployment(spec),
+        "/spec/model/sha256",
+        "does not match",
+    );
     let mut spec = good_model_spec();
     spec["engine"] = serde_json::json!({"kvDtype": "int3"});
-    assert_rejected(model_deployment(spec), "/spec/engine/kvDtype", "is not one of");
+    assert_rejected(
+        model_deployment(spec),
+        "/spec/engine/kvDtype",
+        "is not one of",
+    );
     let mut spec = good_model_spec();
     spec["engine"] = serde_json::json!({"blockSize": 32});
     assert_rejected(model_deployment(spec), "/spec/engine/blockSize", "maximum");
@@ -262,7 +297,11 @@ fn model_deployment_with_a_bad_uri_dtype_or_digest_is_rejected() {
 
 #[test]
 fn model_deployment_without_a_model_is_rejected() {
-    assert_rejected(model_deployment(serde_json::json!({"replicas": 1})), "/spec", "model");
+    assert_rejected(
+        model_deployment(serde_json::json!({"replicas": 1})),
+        "/spec",
+        "model",
+    );
 }
 
 #[test]
@@ -273,12 +312,16 @@ fn lora_adapter_needs_a_served_name_and_a_sane_scale() {
         "servedName",
     );
     assert_rejected(
-        lora(serde_json::json!({"modelRef": {"name": "m"}, "source": {"uri": "file:///a"}, "servedName": "x", "scale": 0.0})),
+        lora(
+            serde_json::json!({"modelRef": {"name": "m"}, "source": {"uri": "file:///a"}, "servedName": "x", "scale": 0.0}),
+        ),
         "spec.scale",
         "scale must be in (0, 16]",
     );
     assert_rejected(
-        lora(serde_json::json!({"modelRef": {"name": "m"}, "source": {"uri": "file:///a"}, "servedName": "x", "replicas": -1})),
+        lora(
+            serde_json::json!({"modelRef": {"name": "m"}, "source": {"uri": "file:///a"}, "servedName": "x", "replicas": -1}),
+        ),
         "/spec/replicas",
         "minimum",
     );
@@ -286,10 +329,22 @@ fn lora_adapter_needs_a_served_name_and_a_sane_scale() {
 
 #[test]
 fn rate_limit_policy_with_no_limit_is_rejected() {
-    assert_rejected(policy(serde_json::json!({"limits": {}})), "spec.limits", "at least one of");
+    assert_rejected(
+        policy(serde_json::json!({"limits": {}})),
+        "spec.limits",
+        "at least one of",
+    );
     // A burst alone limits nothing.
-    assert_rejected(policy(serde_json::json!({"limits": {"burst": 10}})), "spec.limits", "at least one of");
-    assert_rejected(policy(serde_json::json!({"subject": "global"})), "/spec", "limits");
+    assert_rejected(
+        policy(serde_json::json!({"limits": {"burst": 10}})),
+        "spec.limits",
+        "at least one of",
+    );
+    assert_rejected(
+        policy(serde_json::json!({"subject": "global"})),
+        "/spec",
+        "limits",
+    );
 }
 
 #[test]

@@ -12,7 +12,6 @@ pub struct ModelRef {
     pub name: String,
 }
 
-
 /// Standard Condition types used across the skillkv resources.
 pub mod condition_types {
     /// The object does what it asks for (Skill, LoRAAdapter).

@@ -22,9 +22,21 @@ use super::ModelRef;
     doc = "A LoRA adapter served on the pods of a ModelDeployment under its own model id.",
     printcolumn(name = "Model", type_ = "string", json_path = ".spec.modelRef.name"),
     printcolumn(name = "Served", type_ = "string", json_path = ".spec.servedName"),
-    printcolumn(name = "Loaded", type_ = "integer", json_path = ".status.loadedReplicas"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Loaded",
+        type_ = "integer",
+        json_path = ".status.loadedReplicas"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct LoRAAdapterSpec {
@@ -56,7 +68,9 @@ pub struct LoRAAdapterSpec {
 pub struct AdapterSource {
     /// A folder holding PEFT's `adapter_model.safetensors` and `adapter_config.json`:
     /// `file:///path`, `pvc://claim/path` or `hf://org/repo`.
-    #[schemars(regex(pattern = r"^(file:///.+|pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/.+|hf://[^/]+/[^/]+.*)$"))]
+    #[schemars(regex(
+        pattern = r"^(file:///.+|pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/.+|hf://[^/]+/[^/]+.*)$"
+    ))]
     pub uri: String,
 }
 

@@ -26,11 +26,34 @@ use serde::{Deserialize, Serialize};
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(name = "Served", type_ = "string", json_path = ".spec.servedName", description = "Model id in /v1/models"),
-    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas", description = "Desired daemon pods"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "Daemon pods ready to serve"),
-    printcolumn(name = "Available", type_ = "string", json_path = ".status.conditions[?(@.type==\"Available\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Served",
+        type_ = "string",
+        json_path = ".spec.servedName",
+        description = "Model id in /v1/models"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".spec.replicas",
+        description = "Desired daemon pods"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Daemon pods ready to serve"
+    ),
+    printcolumn(
+        name = "Available",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Available\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
@@ -82,7 +105,9 @@ pub struct ModelSource {
     /// `file:///path` on the node (or a mounted volume), `pvc://claim/path/in/claim`, or
     /// `hf://org/repo/file.gguf` (downloaded by an init step into the node's model cache).
     /// The file is a GGUF of a Llama-family model.
-    #[schemars(regex(pattern = r"^(file:///.+|pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/.+|hf://[^/]+/[^/]+/.+)$"))]
+    #[schemars(regex(
+        pattern = r"^(file:///.+|pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/.+|hf://[^/]+/[^/]+/.+)$"
+    ))]
     pub uri: String,
 
     /// Expected SHA-256 of the model file (64 lowercase hex digits). The daemon refuses a file

@@ -18,10 +18,26 @@ use serde::{Deserialize, Serialize};
     category = "skillkv",
     doc = "Request and token limits that the skillkv router enforces.",
     printcolumn(name = "Subject", type_ = "string", json_path = ".spec.subject"),
-    printcolumn(name = "RPM", type_ = "integer", json_path = ".spec.limits.requestsPerMinute"),
-    printcolumn(name = "TPM", type_ = "integer", json_path = ".spec.limits.tokensPerMinute"),
-    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "RPM",
+        type_ = "integer",
+        json_path = ".spec.limits.requestsPerMinute"
+    ),
+    printcolumn(
+        name = "TPM",
+        type_ = "integer",
+        json_path = ".spec.limits.tokensPerMinute"
+    ),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimitPolicySpec {

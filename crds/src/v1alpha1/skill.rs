@@ -20,11 +20,35 @@ use super::ModelRef;
     shortname = "sk",
     category = "skillkv",
     doc = "A prompt module (SKILL.md) whose KV cache skillkv prefills, pins and persists on the daemons of a ModelDeployment.",
-    printcolumn(name = "Model", type_ = "string", json_path = ".spec.modelRef.name", description = "The ModelDeployment serving this skill"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready", description = "Pods with the skill's KV ready / pods that should hold it"),
-    printcolumn(name = "Tokens", type_ = "integer", json_path = ".status.tokens", description = "Tokens in the skill's prompt"),
-    printcolumn(name = "Assembly", type_ = "string", json_path = ".spec.assembly", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Model",
+        type_ = "string",
+        json_path = ".spec.modelRef.name",
+        description = "The ModelDeployment serving this skill"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.ready",
+        description = "Pods with the skill's KV ready / pods that should hold it"
+    ),
+    printcolumn(
+        name = "Tokens",
+        type_ = "integer",
+        json_path = ".status.tokens",
+        description = "Tokens in the skill's prompt"
+    ),
+    printcolumn(
+        name = "Assembly",
+        type_ = "string",
+        json_path = ".spec.assembly",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SkillSpec {

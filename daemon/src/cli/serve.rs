@@ -1,0 +1,184 @@
+//! `skillkv serve`: the flags, reading the key and token files, and running the server on a
+//! multi-threaded Tokio runtime.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::engine::{EngineConfig, KvCacheSize};
+use crate::server::{self, Listeners, ServeConfig, ServeError};
+
+/// Environment variable with comma-separated API keys.
+pub const API_KEYS_ENV: &str = "SKILLKV_API_KEYS";
+
+/// `skillkv serve` flags.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// GGUF model file [default: $SKILLKV_MODEL, else ~/.cache/skillkv/models/SmolLM2-135M-Instruct.Q4_1.gguf]
+    #[arg(long, env = "SKILLKV_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Public port (OpenAI API, /healthz, /readyz, /metrics); 0 picks a free one.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Admin API port; 0 picks a free one.
+    #[arg(long, default_value_t = 8081)]
+    pub admin_port: u16,
+    /// File holding the admin bearer token; without it the admin API is not served.
+    #[arg(long, env = "SKILLKV_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// File of API keys, one per line (`#` comments); also $SKILLKV_API_KEYS, comma-separated.
+    /// With none, the API is open.
+    #[arg(long)]
+    pub api_keys_file: Option<PathBuf>,
+    /// KV cache budget in bytes.
+    #[arg(long, default_value_t = 512 * 1024 * 1024)]
+    pub kv_cache_bytes: usize,
+    /// Most tokens per forward batch.
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_seqs: usize,
+    /// Most requests waiting for admission; beyond it requests get 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_waiting: usize,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Per-request timeout in seconds, streaming included.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Log prompts and completions at debug level (off by default).
+    #[arg(long)]
+    pub log_content: bool,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace: u64,
+}
+
+/// Why `serve` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunServeError {
+    /// No model path and no home directory to find the default in.
+    #[error("no --model given, $SKILLKV_MODEL unset and $HOME unknown")]
+    NoModelPath,
+    /// A key or token file could not be read.
+    #[error("reading {path} failed")]
+    ReadSecret {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token file holds no token.
+    #[error("the admin token file {0} is empty")]
+    EmptyAdminToken(PathBuf),
+    /// The Tokio runtime could not start.
+    #[error("starting the async runtime failed")]
+    Runtime(#[source] std::io::Error),
+    /// The server failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// The default model path under `$HOME`.
+pub fn default_model_path() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .map(|home| Path::new(&home).join(".cache/skillkv/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+fn read_secret(path: &Path) -> Result<String, RunServeError> {
+    std::fs::read_to_string(path).map_err(|source| RunServeError::ReadSecret {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Keys from a file (one per line, `#` comments) and from a comma-separated list.
+fn parse_api_keys(file: Option<&str>, env: Option<&str>) -> Vec<String> {
+    let from_file = file
+        .into_iter()
+        .flat_map(str::lines)
+        .filter(|line| !line.trim_start().starts_with('#'));
+    let from_env = env.into_iter().flat_map(|keys| keys.split(','));
+    from_file
+        .chain(from_env)
+        .map(str::trim)
+        .filter(|key| !key.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+impl ServeArgs {
+    /// The server configuration these flags describe.
+    pub fn config(&self) -> Result<ServeConfig, RunServeError> {
+        let model_path = match &self.model {
+            Some(path) => path.clone(),
+            None => default_model_path().ok_or(RunServeError::NoModelPath)?,
+        };
+        let admin_token = match &self.admin_token_file {
+            Some(path) => {
+                let token = read_secret(path)?.trim().to_string();
+                if token.is_empty() {
+                    return Err(RunServeError::EmptyAdminToken(path.clone()));
+                }
+                Some(token)
+            }
+            None => None,
+        };
+        let keys_file = self.api_keys_file.as_deref().map(read_secret).transpose()?;
+        let keys_env = std::env::var(API_KEYS_ENV).ok();
+        Ok(ServeConfig {
+            model_path,
+            host: self.host,
+            port: self.port,
+            admin_port: self.admin_port,
+            admin_token,
+            api_keys: parse_api_keys(keys_file.as_deref(), keys_env.as_deref()),
+            engine: EngineConfig {
+                kv_cache: KvCacheSize::Bytes(self.kv_cache_bytes),
+                max_batch_tokens: self.max_batch_tokens,
+                max_seqs: self.max_seqs,
+                max_waiting: self.max_waiting,
+                ..EngineConfig::default()
+            },
+            max_body_bytes: self.max_body_bytes,
+            request_timeout: Duration::from_secs(self.request_timeout),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace),
+            log_content: self.log_content,
+            ..ServeConfig::default()
+        })
+    }
+}
+
+/// Runs `skillkv serve` until SIGTERM.
+pub fn run(args: ServeArgs) -> Result<(), RunServeError> {
+    let config = args.config()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(RunServeError::Runtime)?;
+    runtime.block_on(async {
+        let listeners = Listeners::bind(&config).await?;
+        server::serve(config, listeners).await
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_keys_come_from_file_and_env() {
+        let keys = parse_api_keys(Some("# comment\nalpha\n\n beta \n"), Some("gamma, ,delta"));
+        assert_eq!(keys, ["alpha", "beta", "gamma", "delta"]);
+        assert!(parse_api_keys(None, None).is_empty());
+    }
+}

@@ -1,0 +1,70 @@
+//! The boundary between the Llama forward pass and the hardware it runs on. A backend prepares
+//! weight matrices once at load time and runs the two heavy operations of every layer: the
+//! linear projections and the paged attention. The forward pass in
+//! [`llama`](super::llama) is written against this trait only, so a GPU backend slots in beside
+//! [`CpuBackend`](super::cpu::CpuBackend) without the scheduler noticing.
+
+use candle_core::quantized::QTensor;
+
+use crate::engine::model::attention::{AttentionShape, ChunkRows, LayerKv};
+
+/// Why preparing a weight for a backend failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot prepare weight {tensor} for the {backend} backend")]
+pub struct PrepareWeightError {
+    /// The (first) tensor being prepared.
+    pub tensor: String,
+    /// The backend's name.
+    pub backend: &'static str,
+    /// What failed.
+    #[source]
+    pub source: Box<candle_core::Error>,
+}
+
+/// Why a backend operation failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{backend} backend failed in {operation}")]
+pub struct BackendOpError {
+    /// The backend's name.
+    pub backend: &'static str,
+    /// The operation that failed.
+    pub operation: &'static str,
+    /// What failed.
+    #[source]
+    pub source: Box<candle_core::Error>,
+}
+
+/// Compute operations of a Llama forward pass.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// A weight matrix in the backend's preferred layout.
+    type Linear: Send + Sync + std::fmt::Debug;
+
+    /// Short name for logs and errors.
+    fn name(&self) -> &'static str;
+
+    /// Prepares the `[out, in]` weight made of `parts` stacked along the output dimension
+    /// (fused projections such as Q|K|V). `name` labels errors.
+    fn prepare_linear(
+        &self,
+        name: &str,
+        parts: Vec<QTensor>,
+    ) -> Result<Self::Linear, PrepareWeightError>;
+
+    /// `input [rows, in] · weightᵀ` → `[rows, out]`. Each output row depends only on its input
+    /// row, bit for bit, whatever the other rows are.
+    fn linear(
+        &self,
+        weight: &Self::Linear,
+        input: Vec<f32>,
+        rows: usize,
+    ) -> Result<Vec<f32>, BackendOpError>;
+
+    /// Causal attention of the chunks' RoPE'd queries over the KV pool layer.
+    fn attention(
+        &self,
+        shape: AttentionShape,
+        queries: &[f32],
+        chunks: &[ChunkRows<'_>],
+        kv: LayerKv<'_>,
+    ) -> Vec<f32>;
+}

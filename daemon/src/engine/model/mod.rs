@@ -1,0 +1,94 @@
+//! The model: loading a GGUF Llama-family file onto a backend and the forward pass over the
+//! paged KV pool. [`LlamaModel`] is what the scheduler uses; it is immutable after load and
+//! `Send + Sync`.
+
+pub mod attention;
+pub mod backend;
+pub mod cpu;
+pub mod llama;
+pub mod ops;
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Content;
+
+use crate::engine::batch::{ForwardBatch, ForwardOutput};
+use crate::engine::gguf::{GgufFile, LoadModelError, ModelConfig, file_sha256};
+use crate::engine::kv_pool::KvPool;
+use crate::engine::model::cpu::CpuBackend;
+use crate::engine::model::llama::Llama;
+
+pub use crate::engine::model::llama::ForwardError;
+
+/// Options for [`LlamaModel::load`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Caps the context length below the model's own (smaller RoPE tables, earlier
+    /// [`ForwardError::ContextOverflow`]); `None` keeps the model's.
+    pub max_context: Option<usize>,
+}
+
+/// A model ready to run, with what the rest of the engine needs from its file.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The model.
+    pub model: LlamaModel,
+    /// Its hyperparameters (also `model.config()`).
+    pub config: ModelConfig,
+    /// The GGUF metadata (tokenizer, chat template).
+    pub gguf: Content,
+    /// SHA-256 of the model file, lower-case hex.
+    pub model_digest: String,
+}
+
+/// A Llama-family model on the CPU backend.
+#[derive(Debug)]
+pub struct LlamaModel {
+    inner: Llama<CpuBackend>,
+}
+
+impl LlamaModel {
+    /// Loads the GGUF file at `path`.
+    pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, LoadModelError> {
+        let started = std::time::Instant::now();
+        let mut file = GgufFile::open(path)?;
+        file.check_supported()?;
+        let mut config = ModelConfig::from_gguf(&file.content)?;
+        if let Some(limit) = options.max_context {
+            config.context_length = config.context_length.min(limit.max(1));
+        }
+        let inner = Llama::load(CpuBackend, config.clone(), &mut file)?;
+        let model_digest = file_sha256(path)?;
+        tracing::info!(
+            path = %path.display(),
+            layers = config.n_layers,
+            hidden = config.hidden,
+            vocab = config.vocab,
+            context_length = config.context_length,
+            model_digest = %model_digest,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
+        Ok(LoadedModel {
+            model: Self { inner },
+            config,
+            gguf: file.content,
+            model_digest,
+        })
+    }
+
+    /// The model's hyperparameters.
+    pub fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+
+    /// Runs one batch: writes the new tokens' K/V into `kv` and returns the logits of the last
+    /// token of every chunk that wants them.
+    pub fn forward(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &mut KvPool,
+    ) -> Result<ForwardOutput, ForwardError> {
+        self.inner.forward(batch, kv)
+    }
+}

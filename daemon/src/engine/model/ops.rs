@@ -1,0 +1,163 @@
+//! Element-wise and row-wise operations of the Llama block on host memory: RMS norm, rotary
+//! position embedding tables, SwiGLU activation, residual adds and a vectorisable `exp`.
+//! Rows are contiguous `f32` slices of `width` values; every function is deterministic and
+//! treats each row independently, so a row's result never depends on the rest of the batch.
+
+/// Normalises each row of `input` by its root mean square and scales it by `weight`.
+pub fn rms_norm(input: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let width = weight.len();
+    let mut output = vec![0.0; input.len()];
+    for (row, out) in input
+        .chunks_exact(width)
+        .zip(output.chunks_exact_mut(width))
+    {
+        let sum_squares: f32 = row.iter().map(|x| x * x).sum();
+        let scale = 1.0 / (sum_squares / width as f32 + eps).sqrt();
+        for ((o, x), w) in out.iter_mut().zip(row).zip(weight) {
+            *o = x * scale * w;
+        }
+    }
+    output
+}
+
+/// Adds `delta` into `residual` element-wise.
+pub fn add_in_place(residual: &mut [f32], delta: &[f32]) {
+    for (r, d) in residual.iter_mut().zip(delta) {
+        *r += d;
+    }
+}
+
+/// SwiGLU: each input row is `[gate (width) | up (width)]`; the output row is
+/// `silu(gate) * up`.
+pub fn silu_mul(gate_up: &[f32], width: usize) -> Vec<f32> {
+    let rows = gate_up.len() / (2 * width);
+    let mut output = vec![0.0; rows * width];
+    for (row, out) in gate_up
+        .chunks_exact(2 * width)
+        .zip(output.chunks_exact_mut(width))
+    {
+        let (gate, up) = row.split_at(width);
+        for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+    output
+}
+
+/// Cosine and sine of every rotary angle for positions `0 .. max_positions`, in the layout
+/// `[position][pair]` with `head_dim / 2` pairs.
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    pairs: usize,
+}
+
+impl RopeTable {
+    /// Tables for `head_dim`-wide heads with base frequency `theta`.
+    pub fn new(head_dim: usize, theta: f32, max_positions: usize) -> Self {
+        let pairs = head_dim / 2;
+        let frequencies: Vec<f32> = (0..pairs)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * pairs);
+        let mut sin = Vec::with_capacity(max_positions * pairs);
+        for position in 0..max_positions {
+            for frequency in &frequencies {
+                let angle = position as f32 * frequency;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { cos, sin, pairs }
+    }
+
+    /// Number of positions the table covers.
+    pub fn max_positions(&self) -> usize {
+        self.cos.len() / self.pairs.max(1)
+    }
+
+    /// Rotates every head of one token's row in place, GGUF/llama.cpp "normal" style: the
+    /// adjacent pairs `(x[2i], x[2i+1])` of each head turn by `position * theta^(-2i/d)`.
+    pub fn rotate(&self, row: &mut [f32], position: usize) {
+        let start = position * self.pairs;
+        let cos = &self.cos[start..start + self.pairs];
+        let sin = &self.sin[start..start + self.pairs];
+        for head in row.chunks_exact_mut(2 * self.pairs) {
+            for ((pair, c), s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                let (x0, x1) = (pair[0], pair[1]);
+                pair[0] = x0 * c - x1 * s;
+                pair[1] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+/// `e^x` for each lane, accurate to a few ULP for x in [-87, 88], exactly 0 for -∞ and very
+/// negative x. Written lane-wise so the compiler vectorises it (libm's `expf` does not).
+pub fn exp_lanes<const N: usize>(x: [f32; N]) -> [f32; N] {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND_MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
+    let mut out = [0.0f32; N];
+    for lane in 0..N {
+        let value = x[lane].clamp(-87.0, 88.0);
+        let n = (value * LOG2_E + ROUND_MAGIC) - ROUND_MAGIC;
+        let r = value - n * LN2_HI - n * LN2_LO;
+        // Taylor/minimax polynomial of e^r on [-ln2/2, ln2/2].
+        let mut p = 1.987_569_1e-4_f32;
+        p = p.mul_add(r, 1.398_199_9e-3);
+        p = p.mul_add(r, 8.333_452e-3);
+        p = p.mul_add(r, 4.166_579_6e-2);
+        p = p.mul_add(r, 1.666_666_5e-1);
+        p = p.mul_add(r, 0.5);
+        p = p.mul_add(r * r, r) + 1.0;
+        let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+        out[lane] = if x[lane] < -87.0 { 0.0 } else { p * scale };
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_lanes_matches_std_exp() {
+        let inputs: Vec<f32> = (-8700..=0).map(|i| i as f32 * 0.01).collect();
+        for chunk in inputs.chunks_exact(4) {
+            let lanes: [f32; 4] = [chunk[0], chunk[1], chunk[2], chunk[3]];
+            let got = exp_lanes(lanes);
+            for (x, y) in lanes.iter().zip(got) {
+                let expected = x.exp();
+                assert!(
+                    (y - expected).abs() <= expected * 2e-7 + 1e-38,
+                    "exp({x}) = {y}, expected {expected}"
+                );
+            }
+        }
+        assert_eq!(exp_lanes([f32::NEG_INFINITY, -200.0]), [0.0, 0.0]);
+    }
+
+    #[test]
+    fn rms_norm_gives_unit_rms_times_weight() {
+        let out = rms_norm(&[3.0, 4.0, 0.0, 0.0], &[1.0, 2.0], 1e-6);
+        let scale = 1.0 / (12.5f32 + 1e-6).sqrt();
+        assert_eq!(out[0], 3.0 * scale);
+        assert_eq!(out[1], 4.0 * scale * 2.0);
+        assert_eq!(&out[2..], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn rope_at_position_zero_is_identity_and_preserves_norm() {
+        let table = RopeTable::new(4, 10_000.0, 8);
+        let mut row = vec![1.0, 2.0, 3.0, 4.0];
+        table.rotate(&mut row, 0);
+        assert_eq!(row, vec![1.0, 2.0, 3.0, 4.0]);
+        table.rotate(&mut row, 5);
+        let norm_pair0 = row[0] * row[0] + row[1] * row[1];
+        assert!((norm_pair0 - 5.0).abs() < 1e-5);
+        assert!((row[0] - (5.0f32.cos() - 2.0 * 5.0f32.sin())).abs() < 1e-6);
+    }
+}

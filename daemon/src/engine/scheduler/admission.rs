@@ -1,0 +1,130 @@
+//! Admission of waiting sequences: prefix lookup, the block check, block allocation (with the
+//! copy-on-write of a fully cached last block) and the `Started` event.
+
+use crate::engine::batch::BLOCK_SIZE;
+use crate::engine::blocks::blocks_for_tokens;
+use crate::engine::handle::{GenerateError, GenerationEvent};
+
+use super::sequence::{Purpose, Sequence};
+use super::{ForwardModel, Scheduler};
+
+/// Why the head of the queue was not admitted.
+enum Refusal {
+    /// Not enough blocks now; running sequences will free some.
+    NoRoomYet,
+    /// Not enough blocks even with nothing running.
+    NeverFits { needed: usize, available: usize },
+}
+
+impl<M: ForwardModel> Scheduler<M> {
+    /// Admits the head of the waiting queue if its blocks are available; fails sequences that
+    /// can never fit. `None` when the queue is empty or its head must wait.
+    pub(super) fn admit_next(&mut self) -> Option<Sequence> {
+        loop {
+            let mut seq = self.waiting.pop_front()?;
+            match self.try_admit(&mut seq) {
+                Ok(()) => {
+                    self.on_admitted(&mut seq);
+                    return Some(seq);
+                }
+                Err(Refusal::NoRoomYet) => {
+                    self.waiting.push_front(seq);
+                    return None;
+                }
+                Err(Refusal::NeverFits { needed, available }) => {
+                    tracing::warn!(
+                        seq = seq.id,
+                        request_id = %seq.request_id,
+                        needed,
+                        available,
+                        "sequence can never fit in the KV pool"
+                    );
+                    self.fail(seq, GenerateError::KvCacheExhausted { needed, available });
+                }
+            }
+        }
+    }
+
+    /// Takes the cached prefix and allocates blocks for every other token of `seq`.
+    fn try_admit(&mut self, seq: &mut Sequence) -> Result<(), Refusal> {
+        seq.extend_hashes();
+        let len = seq.tokens.len();
+        let mut shared = self.cache.acquire_prefix(&seq.hashes);
+        let matched = shared.len();
+        // A full hit: the last token is recomputed into a private copy of the last block.
+        let copy_last = matched * BLOCK_SIZE == len;
+        let needed = blocks_for_tokens(len) - matched + usize::from(copy_last);
+        if needed > self.cache.available() {
+            let available = self.cache.available();
+            self.cache.release_all(shared);
+            return Err(if self.running.is_empty() {
+                Refusal::NeverFits { needed, available }
+            } else {
+                Refusal::NoRoomYet
+            });
+        }
+        let mut fresh = Vec::with_capacity(needed);
+        for _ in 0..needed {
+            match self.cache.allocate() {
+                Some(block) => fresh.push(block),
+                None => {
+                    // `available` said otherwise; be safe rather than stuck.
+                    tracing::error!(seq = seq.id, "allocation failed despite available blocks");
+                    self.cache.release_all(fresh);
+                    self.cache.release_all(shared);
+                    return Err(Refusal::NoRoomYet);
+                }
+            }
+        }
+        let mut fresh = fresh.into_iter();
+        if copy_last && let (Some(last), Some(copy)) = (shared.pop(), fresh.next()) {
+            self.kv.copy_block(last, copy);
+            self.cache.release(last);
+            shared.push(copy);
+        }
+        for block in shared.into_iter().chain(fresh) {
+            seq.table.push(block);
+        }
+        if copy_last {
+            seq.computed = len - 1;
+            seq.registered = matched - 1;
+        } else {
+            seq.computed = matched * BLOCK_SIZE;
+            seq.registered = matched;
+        }
+        Ok(())
+    }
+
+    /// Gives back the sequence's place under the waiting-queue bound, once.
+    pub(super) fn free_waiting_slot(&self, seq: &mut Sequence) {
+        if std::mem::take(&mut seq.holds_waiting_slot) {
+            self.waiting_new
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    /// First-admission bookkeeping: the waiting-slot count and the `Started` event.
+    fn on_admitted(&mut self, seq: &mut Sequence) {
+        if seq.admitted_once {
+            return;
+        }
+        seq.admitted_once = true;
+        seq.cached_tokens = seq.computed.min(seq.prompt_len);
+        self.free_waiting_slot(seq);
+        if let Purpose::Generate(generation) = &seq.purpose {
+            let started = GenerationEvent::Started {
+                cached_tokens: seq.cached_tokens,
+                queue_time: seq.arrival.elapsed(),
+            };
+            // A closed channel is noticed (and the sequence dropped) at the next step.
+            let _ = generation.events.try_send(started);
+        }
+        tracing::debug!(
+            seq = seq.id,
+            request_id = %seq.request_id,
+            prompt_tokens = seq.prompt_len,
+            cached_tokens = seq.cached_tokens,
+            "admitted"
+        );
+    }
+}

@@ -1,0 +1,101 @@
+//! One sequence inside the scheduler: its tokens, how many of them have KV in the pool, its
+//! block table, its block hashes, and where its results go.
+
+use std::time::Instant;
+
+use skillkv_api::block_hash::{BLOCK_TOKENS, BlockHash, chain};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::blocks::BlockTable;
+use crate::engine::handle::{GenerationEvent, PinError, PinnedPrefix};
+use crate::engine::sampling::{Sampler, SamplingParams};
+use crate::engine::scheduler::text::TextState;
+
+/// Identifies a sequence inside one engine.
+pub type SeqId = u64;
+
+/// What a sequence is for.
+#[derive(Debug)]
+pub enum Purpose {
+    /// Generate tokens for a caller.
+    Generate(Box<Generation>),
+    /// Prefill a prefix and pin its full blocks (skills).
+    Pin(Option<oneshot::Sender<Result<PinnedPrefix, PinError>>>),
+}
+
+/// The generation side of a sequence: sampling, text and the caller's channel.
+#[derive(Debug)]
+pub struct Generation {
+    /// The request's sampling parameters.
+    pub params: SamplingParams,
+    /// The sequence's own sampler (its RNG survives preemption).
+    pub sampler: Sampler,
+    /// Detokenization and stop strings, when the engine has a tokenizer.
+    pub text: Option<TextState>,
+    /// Where events go; capacity covers every event the request can produce.
+    pub events: mpsc::Sender<GenerationEvent>,
+}
+
+/// A sequence's full state.
+#[derive(Debug)]
+pub struct Sequence {
+    /// Engine-wide id.
+    pub id: SeqId,
+    /// The caller's request id, for logs.
+    pub request_id: String,
+    /// Prompt followed by the generated tokens.
+    pub tokens: Vec<u32>,
+    /// Length of the prompt inside `tokens`.
+    pub prompt_len: usize,
+    /// Hash the first block chains from (the namespace root).
+    pub root: BlockHash,
+    /// Hashes of the full blocks of `tokens` computed so far.
+    pub hashes: Vec<BlockHash>,
+    /// The sequence's blocks (empty while waiting).
+    pub table: BlockTable,
+    /// Tokens whose KV is in the pool (`tokens[..computed]`).
+    pub computed: usize,
+    /// Leading blocks already inserted into the prefix cache.
+    pub registered: usize,
+    /// Prompt tokens served from the prefix cache at first admission.
+    pub cached_tokens: usize,
+    /// When the request was submitted.
+    pub arrival: Instant,
+    /// Whether the sequence has been admitted at least once.
+    pub admitted_once: bool,
+    /// Whether it counts against the waiting-queue bound (new submissions until admitted).
+    pub holds_waiting_slot: bool,
+    /// Generation or pinning.
+    pub purpose: Purpose,
+}
+
+impl Sequence {
+    /// Extends `hashes` over every full block of `tokens`.
+    pub fn extend_hashes(&mut self) {
+        let full = self.tokens.len() / BLOCK_TOKENS;
+        while self.hashes.len() < full {
+            let index = self.hashes.len();
+            let parent = self.hashes.last().copied().unwrap_or(self.root);
+            let block = &self.tokens[index * BLOCK_TOKENS..(index + 1) * BLOCK_TOKENS];
+            self.hashes.push(chain(&parent, block));
+        }
+    }
+
+    /// Tokens generated so far.
+    pub fn completion_len(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Tokens still to run through the model before the next logits.
+    pub fn pending_tokens(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    /// Whether the caller is gone (its receiver dropped).
+    pub fn caller_gone(&self) -> bool {
+        match &self.purpose {
+            Purpose::Generate(generation) => generation.events.is_closed(),
+            Purpose::Pin(reply) => reply.as_ref().is_none_or(|reply| reply.is_closed()),
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! skillkv daemon: the inference engine, the HTTP server (`skillkv serve`), GPU telemetry
+//! and the command line.
+
+pub mod cli;
+pub mod engine;
+pub mod server;
+pub mod telemetry;

@@ -1,0 +1,265 @@
+//! One generation as the endpoints see it: submits to the engine, turns engine events into
+//! text deltas (with OpenAI-style logprobs) and a final finish record, enforces the request
+//! timeout and records the latency and token metrics. Dropping it cancels the generation.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderName, HeaderValue};
+
+use crate::engine::sampling::SamplingParams;
+use crate::engine::tokenizer::GgufTokenizer;
+use crate::engine::{FinishReason, GenerateRequest, GenerationEvent, GenerationStream};
+use crate::server::AppState;
+use crate::server::errors::ApiError;
+use crate::server::metrics::{Metrics, TokenUsage};
+
+/// Response header naming the cache mode and the skills used.
+pub const CACHE_HEADER: &str = "x-skillkv-cache";
+
+/// The cache header: exact prefix reuse, no skills (skills are not loaded in this daemon).
+pub fn cache_header() -> (HeaderName, HeaderValue) {
+    (
+        HeaderName::from_static(CACHE_HEADER),
+        HeaderValue::from_static("mode=exact-prefix; skills=none"),
+    )
+}
+
+/// A token's text, bytes and log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenText {
+    /// The token as text (lossy for partial UTF-8).
+    pub token: String,
+    /// Its raw bytes.
+    pub bytes: Vec<u8>,
+    /// Its log-probability.
+    pub logprob: f32,
+}
+
+/// Logprobs of one generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The chosen token.
+    pub chosen: TokenText,
+    /// The most likely alternatives.
+    pub top: Vec<TokenText>,
+}
+
+/// What a generation yields next.
+#[derive(Debug, Clone)]
+pub enum Piece {
+    /// New text (possibly empty while text is held back) and the token's logprobs when asked.
+    Delta {
+        /// Text.
+        text: String,
+        /// Logprobs, when requested.
+        logprobs: Option<TokenLogprobs>,
+    },
+    /// The end.
+    Finished(Finish),
+}
+
+/// How a generation ended.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    /// OpenAI's `finish_reason`.
+    pub reason: &'static str,
+    /// Token counts.
+    pub usage: TokenUsage,
+    /// Text released at the end.
+    pub text: String,
+}
+
+/// A whole non-streamed generation.
+#[derive(Debug, Clone)]
+pub struct Collected {
+    /// The full text.
+    pub text: String,
+    /// Per-token logprobs, when requested.
+    pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// How it ended.
+    pub finish: Finish,
+}
+
+/// A running generation.
+#[derive(Debug)]
+pub struct Generation {
+    stream: GenerationStream,
+    metrics: Arc<Metrics>,
+    tokenizer: Arc<GgufTokenizer>,
+    want_logprobs: bool,
+    started: Instant,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    first_token: Option<Duration>,
+    content_log: Option<String>,
+}
+
+impl Generation {
+    /// Submits the prompt; overload and invalid parameters fail here, before any byte is sent.
+    pub fn start(
+        state: &AppState,
+        request_id: &str,
+        prompt_tokens: Vec<u32>,
+        sampling: SamplingParams,
+    ) -> Result<Self, ApiError> {
+        let serving = state.serving()?;
+        let want_logprobs = sampling.logprobs.is_some();
+        let stream = serving.engine.submit(GenerateRequest {
+            request_id: request_id.to_string(),
+            prompt_tokens,
+            sampling,
+            adapter: None,
+        })?;
+        let timeout = state.config.request_timeout;
+        Ok(Self {
+            stream,
+            metrics: state.metrics.clone(),
+            tokenizer: serving.tokenizer.clone(),
+            want_logprobs,
+            started: Instant::now(),
+            deadline: tokio::time::Instant::now() + timeout,
+            timeout,
+            first_token: None,
+            content_log: state.config.log_content.then(String::new),
+        })
+    }
+
+    /// The next piece; an error ends the generation.
+    pub async fn next(&mut self) -> Result<Piece, ApiError> {
+        loop {
+            let event = tokio::time::timeout_at(self.deadline, self.stream.recv())
+                .await
+                .map_err(|_| ApiError::Timeout {
+                    seconds: self.timeout.as_secs(),
+                })?;
+            match event {
+                None => {
+                    return Err(ApiError::Internal {
+                        message: "the engine ended the generation without a result".to_string(),
+                    });
+                }
+                Some(GenerationEvent::Started { queue_time, .. }) => {
+                    self.metrics.queue.observe(queue_time.as_secs_f64());
+                }
+                Some(GenerationEvent::Token {
+                    id,
+                    logprob,
+                    top_logprobs,
+                    text,
+                }) => {
+                    if self.first_token.is_none() {
+                        let ttft = self.started.elapsed();
+                        self.metrics.ttft.observe(ttft.as_secs_f64());
+                        self.first_token = Some(ttft);
+                    }
+                    if let Some(log) = &mut self.content_log {
+                        log.push_str(&text);
+                    }
+                    let logprobs = self.want_logprobs.then(|| TokenLogprobs {
+                        chosen: self.token_text(id, logprob),
+                        top: top_logprobs
+                            .iter()
+                            .map(|&(id, logprob)| self.token_text(id, logprob))
+                            .collect(),
+                    });
+                    return Ok(Piece::Delta { text, logprobs });
+                }
+                Some(GenerationEvent::Finished {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_tokens,
+                    text,
+                }) => {
+                    let reason = match reason {
+                        FinishReason::Length => "length",
+                        FinishReason::Stop | FinishReason::Eos => "stop",
+                        FinishReason::Cancelled => {
+                            return Err(ApiError::Unavailable {
+                                reason: "the generation was cancelled".to_string(),
+                            });
+                        }
+                    };
+                    let usage = TokenUsage {
+                        prompt: prompt_tokens,
+                        completion: completion_tokens,
+                        cached: cached_tokens,
+                    };
+                    self.metrics.record_generation(
+                        &usage,
+                        self.started.elapsed(),
+                        self.first_token,
+                    );
+                    if let Some(log) = &mut self.content_log {
+                        log.push_str(&text);
+                        tracing::debug!(completion = %log, "completion");
+                    }
+                    tracing::info!(
+                        finish_reason = reason,
+                        prompt_tokens,
+                        completion_tokens,
+                        cached_tokens,
+                        "generation finished"
+                    );
+                    return Ok(Piece::Finished(Finish {
+                        reason,
+                        usage,
+                        text,
+                    }));
+                }
+                Some(GenerationEvent::Failed(error)) => {
+                    tracing::warn!(%error, "generation failed");
+                    return Err(error.into());
+                }
+            }
+        }
+    }
+
+    /// Runs the generation to its end.
+    pub async fn collect(mut self) -> Result<Collected, ApiError> {
+        let mut text = String::new();
+        let mut logprobs = self.want_logprobs.then(Vec::new);
+        loop {
+            match self.next().await? {
+                Piece::Delta {
+                    text: delta,
+                    logprobs: token,
+                } => {
+                    text.push_str(&delta);
+                    if let (Some(all), Some(token)) = (&mut logprobs, token) {
+                        all.push(token);
+                    }
+                }
+                Piece::Finished(finish) => {
+                    text.push_str(&finish.text);
+                    return Ok(Collected {
+                        text,
+                        logprobs,
+                        finish,
+                    });
+                }
+            }
+        }
+    }
+
+    fn token_text(&self, id: u32, logprob: f32) -> TokenText {
+        let bytes = self
+            .tokenizer
+            .token_bytes(id)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        TokenText {
+            token: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+            logprob,
+        }
+    }
+}
+
+/// Logs the prompt at debug level, only with `--log-content`.
+pub fn log_prompt(state: &AppState, prompt: &str) {
+    if state.config.log_content {
+        tracing::debug!(prompt, "prompt");
+    }
+}

@@ -1,0 +1,19 @@
+//! `skillkv serve` started as a process: a missing model ends it with a clear error.
+
+use std::process::Command;
+
+#[test]
+fn serve_with_a_missing_model_exits_with_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("skillkv-startup-{}", std::process::id()));
+    let missing = dir.join("no-such-model.gguf");
+    let output = Command::new(env!("CARGO_BIN_EXE_skillkv"))
+        .args(["serve", "--port", "0", "--admin-port", "0", "--model"])
+        .arg(&missing)
+        .env_remove("SKILLKV_API_KEYS")
+        .output()
+        .expect("the skillkv binary runs");
+    assert!(!output.status.success(), "serve must fail without a model");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no-such-model.gguf"), "stderr: {stderr}");
+    assert!(stderr.contains("make model"), "stderr: {stderr}");
+}

@@ -1,0 +1,154 @@
+"""Fixtures for the API conformance tests: build `skillkv`, start `skillkv serve` on the real
+default model on free loopback ports, and hand tests its URLs, keys and log file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+API_KEY = "test-key-0123456789"
+ADMIN_TOKEN = "admin-token-9876543210"
+MAX_BODY_BYTES = 64 * 1024
+MAX_WAITING = 8
+MAX_SEQS = 4
+
+
+def model_path() -> pathlib.Path:
+    default = pathlib.Path.home() / ".cache/skillkv/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = pathlib.Path(os.environ.get("SKILLKV_MODEL", default))
+    if not path.is_file():
+        pytest.fail(f"model {path} not found: run `make model` first")
+    return path
+
+
+def target_dir() -> pathlib.Path:
+    if "CARGO_TARGET_DIR" in os.environ:
+        return pathlib.Path(os.environ["CARGO_TARGET_DIR"])
+    metadata = subprocess.run(
+        ["cargo", "metadata", "--format-version", "1", "--no-deps"],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    )
+    return pathlib.Path(json.loads(metadata.stdout)["target_directory"])
+
+
+@pytest.fixture(scope="session")
+def skillkv_binary() -> pathlib.Path:
+    subprocess.run(
+        ["cargo", "build", "-p", "skillkv-daemon", "--all-features", "--bin", "skillkv"],
+        cwd=REPO, check=True,
+    )
+    binary = target_dir() / "debug" / "skillkv"
+    assert binary.is_file(), f"cargo build did not produce {binary}"
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Daemon:
+    process: subprocess.Popen
+    base_url: str
+    admin_url: str
+    log_path: pathlib.Path
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def admin_state(self) -> dict:
+        response = httpx.get(
+            f"{self.admin_url}/admin/v1/state",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=10,
+        )
+        response.raise_for_status()
+        return response.json()
+
+    def wait_for_idle_kv(self, timeout: float = 30.0) -> dict:
+        """Polls the admin state until no KV block is used by a sequence and none runs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            load = self.admin_state()["load"]
+            if load["usedBlocks"] == 0 and load["running"] == 0 and load["waiting"] == 0:
+                return load
+            if time.monotonic() > deadline:
+                raise AssertionError(f"KV never returned to idle: {load}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+def start_daemon(binary: pathlib.Path, tmp: pathlib.Path, *extra: str) -> Daemon:
+    tmp.mkdir(parents=True, exist_ok=True)
+    token_file = tmp / "admin-token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    log_path = tmp / "daemon.log"
+    port, admin_port = free_port(), free_port()
+    env = dict(os.environ, SKILLKV_API_KEYS=API_KEY, RUST_LOG="info")
+    process = subprocess.Popen(
+        [
+            str(binary), "--log-format", "json", "serve",
+            "--model", str(model_path()),
+            "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port),
+            "--admin-token-file", str(token_file),
+            "--max-body-bytes", str(MAX_BODY_BYTES),
+            "--max-waiting", str(MAX_WAITING), "--max-seqs", str(MAX_SEQS),
+            "--kv-cache-bytes", str(256 * 1024 * 1024),
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL, stderr=log_path.open("wb"), env=env,
+    )
+    daemon = Daemon(process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", log_path)
+    deadline = time.monotonic() + 180
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"skillkv exited with {process.returncode}: {log_path.read_text()}")
+        try:
+            if httpx.get(f"{daemon.base_url}/readyz", timeout=2).status_code == 200:
+                return daemon
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            daemon.stop()
+            raise AssertionError(f"skillkv never became ready: {log_path.read_text()}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def daemon(skillkv_binary, tmp_path_factory):
+    daemon = start_daemon(skillkv_binary, tmp_path_factory.mktemp("daemon"))
+    yield daemon
+    assert daemon.stop() == 0, "skillkv did not exit cleanly on SIGTERM"
+
+
+@pytest.fixture()
+def client(daemon):
+    import openai
+
+    return openai.OpenAI(base_url=daemon.api_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def model_id(daemon) -> str:
+    response = httpx.get(
+        f"{daemon.api_url}/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
+    )
+    response.raise_for_status()
+    return response.json()["data"][0]["id"]
