@@ -13,12 +13,12 @@ export SKILLKV_MODEL ?= $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 # nextest when installed (it is on the project's machines), cargo test otherwise.
 RUST_TEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nextest run --no-fail-fast" || echo "test --no-fail-fast")
 
-.PHONY: help test fmt-check clippy rust-test crds crds-check chart-test venv model run api-test
+.PHONY: help test fmt-check clippy rust-test crds crds-check chart-test venv model run api-test e2e-cluster
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
-test: fmt-check clippy crds-check rust-test chart-test api-test ## everything CI checks
+test: fmt-check clippy crds-check rust-test chart-test api-test e2e-cluster ## everything CI checks
 	@echo "make test: all checks passed"
 
 fmt-check: ## rustfmt, checking only
@@ -39,6 +39,9 @@ crds-check: ## fail if the committed CRD manifests drift from the types
 chart-test: venv ## lint and render the Helm chart with Helm's Go SDK, validate every object
 	$(VPY) -m pytest -q tests/chart
 
+e2e-cluster: venv ## the real-cluster suite (e2e/cluster); skips, saying why, without KUBECONFIG
+	$(VPY) -m pytest -q -rs e2e/cluster
+
 venv: $(VENV)/.installed ## the Python tools the tests use, pinned in requirements-test.txt
 $(VENV)/.installed: requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -56,9 +59,11 @@ RUN_MODEL_ID = $(basename $(notdir $(SKILLKV_MODEL)))
 run: ## release build, fetch the model if missing, serve it on localhost:$(RUN_PORT)
 	$(CARGO) build --release -p skillkv-daemon --bin skillkv
 	@test -f "$(SKILLKV_MODEL)" || $(MAKE) model
-	@echo "serving $(SKILLKV_MODEL) on http://127.0.0.1:$(RUN_PORT) (Ctrl-C stops it). Try:"
+	@echo "serving $(SKILLKV_MODEL) with the skills in skills/ on http://127.0.0.1:$(RUN_PORT) (Ctrl-C stops it)."
+	@echo "The skills prefill first (a progress line per skill; /readyz turns 200 when they are Ready). Try:"
 	@echo "  curl -s http://127.0.0.1:$(RUN_PORT)/v1/chat/completions -H 'content-type: application/json' \\"
 	@echo "    -d '{\"model\":\"$(RUN_MODEL_ID)\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello!\"}],\"max_tokens\":32}'"
 	@echo "  python3 -c \"from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:$(RUN_PORT)/v1', api_key='none'); \\"
 	@echo "    print(c.chat.completions.create(model='$(RUN_MODEL_ID)', messages=[{'role': 'user', 'content': 'Hello!'}]).choices[0].message.content)\""
-	$(CARGO) run --quiet --release -p skillkv-daemon --bin skillkv -- serve --model "$(SKILLKV_MODEL)" --host 127.0.0.1 --port $(RUN_PORT)
+	@echo "  with a skill: add  \"skills\": [\"debugging\"]  to the JSON body (or extra_body={'skills': ['debugging']})."
+	$(CARGO) run --quiet --release -p skillkv-daemon --bin skillkv -- serve --model "$(SKILLKV_MODEL)" --host 127.0.0.1 --port $(RUN_PORT) --skills skills --kv-store $(HOME)/.cache/skillkv/kv-store

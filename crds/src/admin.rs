@@ -1,14 +1,156 @@
 //! The daemon admin protocol (port 8081), shared by the daemon that serves it and the operator
-//! that reads it: the `GET /admin/v1/state` snapshot and the `GET /admin/v1/events` SSE events.
+//! and router that use it: `PUT /admin/v1/desired` (the full desired set of skills and adapters),
+//! the `GET /admin/v1/state` snapshot and the `GET /admin/v1/events` SSE events.
 
 use serde::{Deserialize, Serialize};
 
 use crate::block_hash::BlockHash;
+use crate::v1alpha1::{Assembly, PlacementState};
 
+/// Path of the desired state (`PUT`).
+pub const DESIRED_PATH: &str = "/admin/v1/desired";
 /// Path of the state snapshot.
 pub const STATE_PATH: &str = "/admin/v1/state";
 /// Path of the event stream.
 pub const EVENTS_PATH: &str = "/admin/v1/events";
+
+/// `PUT /admin/v1/desired`: everything the controller wants on this daemon. The set is complete:
+/// a skill or adapter that was desired before and is absent now is removed (its KV unpinned).
+/// Skills from the daemon's `--skills` folder are not affected. Idempotent: the same document
+/// twice changes nothing; a document with a generation lower than the last one applied is
+/// rejected with 409 so that a stale controller cannot roll state back.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredState {
+    /// Monotonic generation chosen by the writer.
+    pub generation: u64,
+    /// Skills to keep prefilled and pinned.
+    #[serde(default)]
+    pub skills: Vec<DesiredSkill>,
+    /// LoRA adapters to load.
+    #[serde(default)]
+    pub adapters: Vec<DesiredAdapter>,
+}
+
+/// One desired skill.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredSkill {
+    /// The skill's name (the Skill object's name); requests name it in `skills`.
+    pub name: String,
+    /// The full SKILL.md text (front matter and body).
+    pub content: String,
+    /// Higher priority skills are pinned first when the pinned budget is short.
+    #[serde(default)]
+    pub priority: i32,
+    /// How the skill is assembled into requests.
+    #[serde(default)]
+    pub assembly: Assembly,
+}
+
+/// One desired LoRA adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredAdapter {
+    /// The model id clients send to use the adapter.
+    pub name: String,
+    /// Where the PEFT adapter files are (`file://` directory on the node).
+    pub uri: String,
+    /// Scale applied to the low-rank update.
+    #[serde(default = "default_adapter_scale")]
+    pub scale: f32,
+}
+
+fn default_adapter_scale() -> f32 {
+    1.0
+}
+
+/// The answer to `PUT /admin/v1/desired`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredStateApplied {
+    /// The generation now applied.
+    pub generation: u64,
+    /// Whether the document changed anything (false for a repeat).
+    pub changed: bool,
+}
+
+/// Where a skill on the daemon came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SkillOrigin {
+    /// The `--skills` folder.
+    Directory,
+    /// The admin API's desired state.
+    Desired,
+}
+
+/// One skill's state on the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SkillState {
+    /// The skill's name.
+    pub name: String,
+    /// The skill's version from its front matter, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// When to use the skill (front matter `description`); the router detects skills from it.
+    #[serde(default)]
+    pub description: String,
+    /// The front matter's `keywords`; the router detects skills from them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keywords: Vec<String>,
+    /// BLAKE3 (hex) of the newest SKILL.md text given for the skill; `state` describes it.
+    pub content_hash: String,
+    /// BLAKE3 (hex) of the version whose KV serves requests now; during a hot update it is the
+    /// old version until the new one is Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_content_hash: Option<String>,
+    /// Where it came from.
+    pub origin: SkillOrigin,
+    /// How it is assembled.
+    pub assembly: Assembly,
+    /// Pending, Prefilling, Ready or Failed.
+    pub state: PlacementState,
+    /// Why it failed, or what it is doing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Tokens of the skill's prompt segment.
+    pub tokens: usize,
+    /// Bytes of KV pinned for it.
+    pub kv_bytes: u64,
+    /// Milliseconds the prefill took (0 when loaded from the node's store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_millis: Option<u64>,
+    /// Requests that used the skill.
+    pub hits: u64,
+    /// Prompt tokens of those requests served from the skill's cached KV.
+    pub cached_tokens: u64,
+    /// Estimated prefill seconds saved by serving from cache.
+    pub prefill_seconds_saved: f64,
+}
+
+/// A LoRA adapter's lifecycle on the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdapterPhase {
+    /// Loaded and serving.
+    Ready,
+    /// Could not be loaded; the message says why.
+    Failed,
+}
+
+/// One adapter's state on the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdapterState {
+    /// The adapter's model id.
+    pub name: String,
+    /// Ready or Failed.
+    pub state: AdapterPhase,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
 
 /// `GET /admin/v1/state`: what the daemon serves and how loaded it is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,6 +164,15 @@ pub struct DaemonState {
     pub kv_budget: KvBudget,
     /// Current load.
     pub load: LoadFigures,
+    /// The generation of the last desired state applied (`None` before the first `PUT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_generation: Option<u64>,
+    /// Every skill the daemon knows, sorted by name.
+    #[serde(default)]
+    pub skills: Vec<SkillState>,
+    /// Every adapter the daemon was asked to load, sorted by name.
+    #[serde(default)]
+    pub adapters: Vec<AdapterState>,
 }
 
 /// The served base model's identity.
@@ -51,6 +202,10 @@ pub struct KvBudget {
     pub block_tokens: usize,
     /// Blocks in the pool.
     pub total_blocks: usize,
+    /// Most blocks skills may pin; a skill that would exceed it is Failed, never evicted.
+    pub pinned_budget_blocks: usize,
+    /// Bytes of KV one token occupies (all layers, K and V).
+    pub kv_bytes_per_token: usize,
 }
 
 /// Load figures: queue lengths and where the KV blocks are.
@@ -91,6 +246,16 @@ pub enum AdminEvent {
     },
     /// Periodic load figures.
     Load(LoadFigures),
+    /// A skill changed state (including its first appearance).
+    SkillState(SkillState),
+    /// A skill was removed from the daemon.
+    #[serde(rename_all = "camelCase")]
+    SkillRemoved {
+        /// The skill's name.
+        name: String,
+    },
+    /// An adapter was loaded, failed, or changed.
+    AdapterState(AdapterState),
     /// The subscriber fell behind and missed this many cache events: rebuild from scratch.
     #[serde(rename_all = "camelCase")]
     EventsMissed {
@@ -106,6 +271,9 @@ impl AdminEvent {
             Self::BlockStored { .. } => "blockStored",
             Self::BlockEvicted { .. } => "blockEvicted",
             Self::Load(_) => "load",
+            Self::SkillState(_) => "skillState",
+            Self::SkillRemoved { .. } => "skillRemoved",
+            Self::AdapterState(_) => "adapterState",
             Self::EventsMissed { .. } => "eventsMissed",
         }
     }

@@ -70,15 +70,21 @@ impl HashNamespace {
 
     /// Hashes of every full block of `tokens`, in order. A trailing partial block has none.
     pub fn block_hashes(&self, tokens: &[u32]) -> Vec<BlockHash> {
-        let mut parent = self.root();
-        tokens
-            .chunks_exact(BLOCK_TOKENS)
-            .map(|block| {
-                parent = chain(&parent, block);
-                parent
-            })
-            .collect()
+        block_hashes_from(self.root(), tokens)
     }
+}
+
+/// Hashes of every full block of `tokens`, chained from `root` (a namespace's root, as the
+/// router receives it in `ModelInfo::namespace_root`). A trailing partial block has none.
+pub fn block_hashes_from(root: BlockHash, tokens: &[u32]) -> Vec<BlockHash> {
+    let mut parent = root;
+    tokens
+        .chunks_exact(BLOCK_TOKENS)
+        .map(|block| {
+            parent = chain(&parent, block);
+            parent
+        })
+        .collect()
 }
 
 /// The hash of a block whose predecessor hashed to `parent`.

@@ -73,7 +73,9 @@ class Daemon:
         response = httpx.get(
             f"{self.admin_url}/admin/v1/state",
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-            timeout=10,
+            # The engine answers between forward passes; a long prefill on a busy machine
+            # can take seconds.
+            timeout=60,
         )
         response.raise_for_status()
         return response.json()

@@ -1,7 +1,10 @@
 //! The `skillkv` command line: argument parsing, logging setup and dispatch to subcommands.
 
+pub mod bench;
+pub mod http;
 pub mod logging;
 pub mod serve;
+pub mod skills;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +25,10 @@ pub struct Cli {
 pub enum Command {
     /// Serve the OpenAI API and the admin API.
     Serve(serve::ServeArgs),
+    /// List, prefill or detect skills.
+    Skills(skills::SkillsArgs),
+    /// Benchmarks (ratios measured side by side in one run).
+    Bench(bench::BenchArgs),
 }
 
 /// Parses the command line and runs it.
@@ -30,6 +37,8 @@ pub fn main() -> anyhow::Result<()> {
     logging::init(cli.log_format)?;
     match cli.command {
         Command::Serve(args) => serve::run(args)?,
+        Command::Skills(args) => skills::run(args)?,
+        Command::Bench(args) => bench::run(args)?,
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::engine::{EngineConfig, KvCacheSize};
+use crate::server::serving::SkillsSettings;
 use crate::server::{self, Listeners, ServeConfig, ServeError};
 
 /// Environment variable with comma-separated API keys.
@@ -59,6 +60,27 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
+    /// Folder of skills (`NAME/SKILL.md`) to prefill and pin at start.
+    #[arg(long, env = "SKILLKV_SKILLS_DIR")]
+    pub skills: Option<PathBuf>,
+    /// Fraction of the KV cache that skills may pin (0–1).
+    #[arg(long, default_value_t = 0.5, value_parser = parse_fraction)]
+    pub pinned_fraction: f64,
+    /// Folder of the node's skill KV store: skills load from it at start instead of being
+    /// prefilled again, and fresh prefills are saved to it.
+    #[arg(long, env = "SKILLKV_KV_STORE")]
+    pub kv_store: Option<PathBuf>,
+}
+
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))?;
+    if (0.0..=1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("{value} is outside [0, 1]"))
+    }
 }
 
 /// Why `serve` could not run.
@@ -152,6 +174,11 @@ impl ServeArgs {
             request_timeout: Duration::from_secs(self.request_timeout),
             shutdown_grace: Duration::from_secs(self.shutdown_grace),
             log_content: self.log_content,
+            skills_dir: self.skills.clone(),
+            skills: SkillsSettings {
+                pinned_fraction: self.pinned_fraction,
+                store_dir: self.kv_store.clone(),
+            },
             ..ServeConfig::default()
         })
     }

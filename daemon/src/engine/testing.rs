@@ -1,5 +1,8 @@
 //! Test support: a tiny synthetic Llama GGUF (random weights from a seed) that loads and runs in
-//! milliseconds, for tests of the model mechanics and of the scheduler. The spec can also make
+//! milliseconds, for tests of the model mechanics, the scheduler and the server. When the
+//! vocabulary has room (at least 259 tokens) the file also carries a byte-level BPE tokenizer
+//! (three ChatML control tokens, the 256 bytes, then merges of common letter pairs) and a
+//! ChatML chat template, so a daemon can serve chat requests on it. The spec can also make
 //! files the loader must reject (another architecture, an unusable tensor type).
 
 use std::fs::File;
@@ -9,6 +12,9 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+
+use crate::engine::chat_template::ChatTemplate;
+use crate::engine::tokenizer::GgufTokenizer;
 
 /// Shape and contents of a synthetic model.
 #[derive(Debug, Clone)]
@@ -56,6 +62,98 @@ impl Default for TinyModelSpec {
             seed: 7,
         }
     }
+}
+
+/// The tiny model's control tokens, at ids 0, 1 and 2 (as in SmolLM2).
+pub const TINY_CONTROL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// The tiny model's chat template (ChatML, like SmolLM2's).
+pub const TINY_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Letters paired into merges, most common English bigrams first.
+const TINY_MERGE_LETTERS: &str =
+    "thheinerandreontesatenndtiesngofedtoitisarhasouleoetnrseacomromaseliveteraiaeme";
+
+/// Vocabulary, token types and merges of the tiny tokenizer for a vocabulary of `vocab` tokens
+/// (`None` when it is smaller than the control tokens plus the 256 bytes).
+fn tiny_tokenizer_metadata(vocab: usize) -> Option<(Vec<String>, Vec<i32>, Vec<String>)> {
+    let byte_chars: Vec<(u8, char)> = {
+        let mut pairs: Vec<(u8, char)> = crate::engine::tokenizer::byte_level_char_to_byte()
+            .into_iter()
+            .map(|(c, byte)| (byte, c))
+            .collect();
+        pairs.sort_unstable();
+        pairs
+    };
+    let base = TINY_CONTROL_TOKENS.len() + byte_chars.len();
+    if vocab < base {
+        return None;
+    }
+    let mut tokens: Vec<String> = TINY_CONTROL_TOKENS.iter().map(|t| t.to_string()).collect();
+    let mut types = vec![3; TINY_CONTROL_TOKENS.len()];
+    tokens.extend(byte_chars.iter().map(|(_, c)| c.to_string()));
+    types.extend(std::iter::repeat_n(1, byte_chars.len()));
+    let letters: Vec<char> = TINY_MERGE_LETTERS.chars().collect();
+    let mut merges = Vec::new();
+    for pair in letters.chunks_exact(2) {
+        let merged: String = pair.iter().collect();
+        if tokens.len() == vocab {
+            break;
+        }
+        if !tokens.contains(&merged) {
+            merges.push(format!("{} {}", pair[0], pair[1]));
+            tokens.push(merged);
+            types.push(1);
+        }
+    }
+    // Pad with unused normal tokens so the vocabulary matches the embedding rows.
+    while tokens.len() < vocab {
+        tokens.push(format!("<unused{}>", tokens.len()));
+        types.push(1);
+    }
+    Some((tokens, types, merges))
+}
+
+/// The tokenizer and chat template a tiny model with `spec` carries (for tests that need them
+/// without loading the weights).
+pub fn tiny_tokenizer_and_template(
+    spec: &TinyModelSpec,
+) -> Result<(GgufTokenizer, ChatTemplate), LoadTinyTokenizerError> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    // Unique per call: tests in one process run in parallel.
+    let path = std::env::temp_dir().join(format!(
+        "skillkv-tiny-tokenizer-{}-{}.gguf",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    write_tiny_gguf(&path, spec)?;
+    let mut file = File::open(&path).map_err(|source| WriteTinyGgufError::Create {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let content = gguf_file::Content::read(&mut file)?;
+    let _ = std::fs::remove_file(&path);
+    Ok((
+        GgufTokenizer::from_gguf(&content)?,
+        ChatTemplate::from_gguf(&content)?,
+    ))
+}
+
+/// Why the tiny tokenizer and template could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadTinyTokenizerError {
+    /// Writing or reading the file failed.
+    #[error(transparent)]
+    Write(#[from] WriteTinyGgufError),
+    /// The GGUF could not be parsed.
+    #[error("reading the tiny GGUF failed")]
+    Read(#[from] candle_core::Error),
+    /// The tokenizer could not be built (vocabulary too small?).
+    #[error(transparent)]
+    Tokenizer(#[from] crate::engine::tokenizer::BuildTokenizerError),
+    /// The template could not be loaded.
+    #[error(transparent)]
+    Template(#[from] crate::engine::chat_template::LoadTemplateError),
 }
 
 /// Why writing the synthetic model failed.
@@ -168,7 +266,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinyModelSpec) -> Result<(), WriteTin
     }
     let arch = spec.architecture.as_str();
     let u32_value = |v: usize| Value::U32(u32::try_from(v).unwrap_or(u32::MAX));
-    let metadata: Vec<(String, Value)> = vec![
+    let mut metadata: Vec<(String, Value)> = vec![
         (
             "general.architecture".to_string(),
             Value::String(arch.to_string()),
@@ -202,6 +300,32 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinyModelSpec) -> Result<(), WriteTin
             Value::F32(1e-5),
         ),
     ];
+    if let Some((tokens, types, merges)) = tiny_tokenizer_metadata(spec.vocab) {
+        let strings =
+            |items: Vec<String>| Value::Array(items.into_iter().map(Value::String).collect());
+        metadata.extend([
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("gpt2".to_string()),
+            ),
+            (
+                "tokenizer.ggml.pre".to_string(),
+                Value::String("gpt2".to_string()),
+            ),
+            ("tokenizer.ggml.tokens".to_string(), strings(tokens)),
+            (
+                "tokenizer.ggml.token_type".to_string(),
+                Value::Array(types.into_iter().map(Value::I32).collect()),
+            ),
+            ("tokenizer.ggml.merges".to_string(), strings(merges)),
+            ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(2)),
+            (
+                "tokenizer.chat_template".to_string(),
+                Value::String(TINY_CHAT_TEMPLATE.to_string()),
+            ),
+        ]);
+    }
     let file = File::create(path).map_err(|source| WriteTinyGgufError::Create {
         path: path.display().to_string(),
         source,

@@ -244,7 +244,8 @@ fn split_merges(merges: &[&str]) -> Result<Merges, BuildTokenizerError> {
 }
 
 /// GPT-2's byte-level alphabet, reversed: the printable character standing for each byte.
-fn byte_level_char_to_byte() -> HashMap<char, u8> {
+/// GPT-2's byte-level alphabet: the character each byte is written as in a vocabulary.
+pub(crate) fn byte_level_char_to_byte() -> HashMap<char, u8> {
     let printable = |byte: u8| matches!(byte, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
     let mut shifted = 0u32;
     (0..=255u8)

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::engine::EngineConfig;
+use crate::server::serving::SkillsSettings;
 
 /// Everything `serve` needs to know.
 #[derive(Debug, Clone)]
@@ -33,6 +34,10 @@ pub struct ServeConfig {
     pub log_content: bool,
     /// Period of the load figures on the admin event stream.
     pub load_event_interval: Duration,
+    /// Folder of skills to prefill and pin at start (`--skills`).
+    pub skills_dir: Option<PathBuf>,
+    /// Pinned fraction and KV store of the skills.
+    pub skills: SkillsSettings,
 }
 
 impl Default for ServeConfig {
@@ -50,6 +55,8 @@ impl Default for ServeConfig {
             shutdown_grace: Duration::from_secs(30),
             log_content: false,
             load_event_interval: Duration::from_secs(5),
+            skills_dir: None,
+            skills: SkillsSettings::default(),
         }
     }
 }

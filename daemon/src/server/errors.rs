@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::engine::handle::{GenerateError, SubmitError, ValidateRequestError};
+use crate::skills::{ApplyDesiredStateError, AssemblePromptError, ResolveSkillsError};
 
 /// Seconds a client told "overloaded" should wait before retrying.
 const RETRY_AFTER_SECONDS: u64 = 1;
@@ -42,6 +43,12 @@ pub enum ApiError {
     PayloadTooLarge {
         /// The limit.
         limit: usize,
+    },
+    /// The request conflicts with the server's state (admin API: a stale desired generation).
+    #[error("{message}")]
+    Conflict {
+        /// What conflicts.
+        message: String,
     },
     /// The waiting queue is full.
     #[error("the server is overloaded ({max_waiting} requests waiting); retry later")]
@@ -85,6 +92,7 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound { .. } | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -100,6 +108,7 @@ impl ApiError {
             Self::ModelNotFound { .. } => ("invalid_request_error", Some("model_not_found")),
             Self::RouteNotFound { .. } => ("invalid_request_error", Some("not_found")),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("payload_too_large")),
+            Self::Conflict { .. } => ("invalid_request_error", Some("conflict")),
             Self::Overloaded { .. } => ("rate_limit_error", Some("overloaded")),
             Self::Timeout { .. } => ("timeout_error", Some("timeout")),
             Self::Unavailable { .. } => ("server_error", Some("unavailable")),
@@ -176,6 +185,39 @@ impl From<GenerateError> for ApiError {
             GenerateError::Cancelled | GenerateError::EngineShutDown => Self::Unavailable {
                 reason: error.to_string(),
             },
+        }
+    }
+}
+
+impl From<ApplyDesiredStateError> for ApiError {
+    fn from(error: ApplyDesiredStateError) -> Self {
+        match error {
+            ApplyDesiredStateError::StaleGeneration { .. }
+            | ApplyDesiredStateError::ConflictingGeneration { .. } => Self::Conflict {
+                message: error.to_string(),
+            },
+            ApplyDesiredStateError::InvalidSkill { .. } => {
+                Self::bad_param("skills", error.to_string())
+            }
+        }
+    }
+}
+
+impl From<ResolveSkillsError> for ApiError {
+    fn from(error: ResolveSkillsError) -> Self {
+        Self::bad_param("skills", error.to_string())
+    }
+}
+
+impl From<AssemblePromptError> for ApiError {
+    fn from(error: AssemblePromptError) -> Self {
+        match error {
+            AssemblePromptError::NotPrefixStable { .. } => Self::Internal {
+                message: error.to_string(),
+            },
+            AssemblePromptError::Render(_) | AssemblePromptError::Encode(_) => {
+                Self::bad_param("messages", error.to_string())
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Prometheus metrics (`skillkv_*`): request counts by route and status, latency histograms,
 //! token counters, and — refreshed on every scrape — KV blocks, prefix-cache hit ratio,
-//! sequence counts and GPU figures.
+//! sequence counts, per-skill figures ([`super::skill_metrics`]) and GPU figures.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +14,12 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use skillkv_api::admin::SkillState;
+
 use crate::engine::EngineStats;
 use crate::server::AppState;
 use crate::server::errors::ApiError;
+use crate::server::skill_metrics::SkillMetrics;
 use crate::telemetry::GpuSample;
 
 /// Why the metrics could not be set up or rendered.
@@ -51,6 +54,8 @@ pub struct Metrics {
     gpu_temperature: GaugeVec,
     gpu_power: GaugeVec,
     gpu_ecc_errors: GaugeVec,
+    gpu_xid_errors: GaugeVec,
+    skills: SkillMetrics,
 }
 
 fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Result<Histogram, prometheus::Error> {
@@ -65,8 +70,10 @@ impl Metrics {
         ];
         let per_token = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
         let gpu_labels = &["gpu"];
+        let registry = Registry::new();
         let metrics = Self {
-            registry: Registry::new(),
+            skills: SkillMetrics::register(&registry)?,
+            registry,
             requests: IntCounterVec::new(
                 Opts::new(
                     "skillkv_requests_total",
@@ -150,6 +157,13 @@ impl Metrics {
                 ),
                 gpu_labels,
             )?,
+            gpu_xid_errors: GaugeVec::new(
+                Opts::new(
+                    "skillkv_gpu_xid_errors",
+                    "Critical XID errors NVML reported since the daemon started",
+                ),
+                gpu_labels,
+            )?,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.requests.clone()),
@@ -171,6 +185,7 @@ impl Metrics {
             Box::new(metrics.gpu_temperature.clone()),
             Box::new(metrics.gpu_power.clone()),
             Box::new(metrics.gpu_ecc_errors.clone()),
+            Box::new(metrics.gpu_xid_errors.clone()),
         ];
         for collector in collectors {
             metrics.registry.register(collector)?;
@@ -194,7 +209,14 @@ impl Metrics {
     }
 
     /// Refreshes the scrape-time gauges.
-    fn refresh(&self, stats: Option<EngineStats>, gpu_present: bool, gpus: &[GpuSample]) {
+    fn refresh(
+        &self,
+        stats: Option<EngineStats>,
+        skills: &[SkillState],
+        gpu_present: bool,
+        gpus: &[GpuSample],
+    ) {
+        self.skills.refresh(skills);
         if let Some(stats) = stats {
             for (state, blocks) in [
                 ("total", stats.kv.total),
@@ -242,6 +264,7 @@ impl Metrics {
                     &self.gpu_ecc_errors,
                     gpu.uncorrected_ecc_errors.map(|n| n as f64),
                 ),
+                (&self.gpu_xid_errors, gpu.xid_errors.map(|n| n as f64)),
             ];
             for (gauge, value) in optional {
                 if let Some(value) = value {
@@ -290,15 +313,17 @@ pub async fn count_requests(
 
 /// `GET /metrics`.
 pub async fn render(State(state): State<AppState>) -> Response {
-    let stats = match state.serving() {
-        Ok(serving) => serving.engine.stats().await,
-        Err(_) => None,
+    let (stats, skills) = match state.serving() {
+        Ok(serving) => (serving.engine.stats().await, serving.skills.snapshot()),
+        Err(_) => (None, Vec::new()),
     };
     let gpu = state.gpu.clone();
     let gpus = tokio::task::spawn_blocking(move || gpu.sample())
         .await
         .unwrap_or_default();
-    state.metrics.refresh(stats, state.gpu.present(), &gpus);
+    state
+        .metrics
+        .refresh(stats, &skills, state.gpu.present(), &gpus);
     match state.metrics.render() {
         Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
         Err(error) => ApiError::Internal {
@@ -315,7 +340,7 @@ mod tests {
     #[test]
     fn gpu_figures_appear_only_with_a_gpu() {
         let metrics = Metrics::new().expect("registers");
-        metrics.refresh(None, false, &[]);
+        metrics.refresh(None, &[], false, &[]);
         let text = metrics.render().expect("renders");
         assert!(text.contains("skillkv_gpu_present 0"));
         assert!(!text.contains("skillkv_gpu_temperature_celsius{"));
@@ -327,14 +352,16 @@ mod tests {
             temperature_celsius: Some(61),
             power_milliwatts: Some(250_000),
             uncorrected_ecc_errors: None,
+            xid_errors: Some(0),
         };
-        metrics.refresh(None, true, &[gpu]);
+        metrics.refresh(None, &[], true, &[gpu]);
         let text = metrics.render().expect("renders");
         assert!(text.contains("skillkv_gpu_present 1"));
         assert!(text.contains("skillkv_gpu_utilization_ratio{gpu=\"0\"} 0.5"));
         assert!(text.contains("skillkv_gpu_temperature_celsius{gpu=\"0\"} 61"));
         assert!(text.contains("skillkv_gpu_power_watts{gpu=\"0\"} 250"));
         assert!(!text.contains("skillkv_gpu_uncorrected_ecc_errors{"));
+        assert!(text.contains("skillkv_gpu_xid_errors{gpu=\"0\"} 0"));
     }
 
     #[test]
@@ -350,7 +377,7 @@ mod tests {
             Duration::from_millis(30),
             Some(Duration::from_millis(10)),
         );
-        metrics.refresh(None, false, &[]);
+        metrics.refresh(None, &[], false, &[]);
         let text = metrics.render().expect("renders");
         assert!(text.contains("skillkv_prefix_cache_hit_ratio 0.25"));
         assert!(text.contains("skillkv_time_per_output_token_seconds_count 1"));

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod openai;
 pub mod request_id;
 pub mod serving;
+pub mod skill_metrics;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -31,7 +32,10 @@ pub use self::config::ServeConfig;
 use self::errors::ApiError;
 use self::metrics::{Metrics, RegisterMetricsError};
 use self::serving::{LoadServingError, Serving};
+use crate::skills::{LoadSkillDirError, SkillUpdate, load_skill_dir};
 use crate::telemetry::GpuTelemetry;
+use skillkv_api::admin::SkillOrigin;
+use skillkv_api::v1alpha1::Assembly;
 
 /// State every handler shares.
 #[derive(Debug, Clone)]
@@ -75,6 +79,9 @@ pub enum ServeError {
     /// The model-loading thread died.
     #[error("the model-loading thread panicked")]
     LoadThread(#[source] tokio::task::JoinError),
+    /// The skills folder could not be loaded.
+    #[error(transparent)]
+    Skills(#[from] LoadSkillDirError),
     /// A server failed while running.
     #[error("the HTTP server failed")]
     Run(#[source] std::io::Error),
@@ -172,11 +179,34 @@ pub async fn serve(config: ServeConfig, listeners: Listeners) -> Result<(), Serv
 /// Loads the model on a blocking thread and publishes it; an error ends `serve`, success keeps
 /// this future pending forever.
 async fn load_in_background(state: AppState) -> Result<(), ServeError> {
+    let skills = match &state.config.skills_dir {
+        Some(dir) => load_skill_dir(dir)?,
+        None => Default::default(),
+    };
     let path = state.config.model_path.clone();
     let engine = state.config.engine.clone();
-    let serving = tokio::task::spawn_blocking(move || Serving::load(&path, engine))
+    let settings = state.config.skills.clone();
+    let serving = tokio::task::spawn_blocking(move || Serving::load(&path, engine, &settings))
         .await
         .map_err(ServeError::LoadThread)??;
+    if !skills.is_empty() {
+        tracing::info!(
+            skills = skills.len(),
+            "prefilling skills from the skills folder"
+        );
+    }
+    serving.skills.upsert(
+        skills
+            .into_iter()
+            .map(|(name, document)| SkillUpdate {
+                name,
+                document,
+                origin: SkillOrigin::Directory,
+                assembly: Assembly::Exact,
+                priority: 0,
+            })
+            .collect(),
+    );
     let _ = state.serving.set(serving);
     std::future::pending().await
 }
@@ -227,9 +257,14 @@ pub fn public_router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `GET /readyz`: 200 once the model is loaded and no skill is still Pending or Prefilling.
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     match state.serving() {
-        Ok(_) => (StatusCode::OK, "ready").into_response(),
+        Ok(serving) if serving.skills.all_settled() => (StatusCode::OK, "ready").into_response(),
+        Ok(_) => ApiError::Unavailable {
+            reason: "skills are still prefilling".to_string(),
+        }
+        .into_response(),
         Err(error) => error.into_response(),
     }
 }

@@ -1,5 +1,5 @@
 //! What the server serves once the model is loaded: the engine handle, tokenizer, chat
-//! template and the model's identity, built from the GGUF file.
+//! template, the model's identity and the skill registry, built from the GGUF file.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,9 +9,30 @@ use skillkv_api::admin::ModelInfo;
 use crate::engine::chat_template::{ChatTemplate, LoadTemplateError};
 use crate::engine::gguf::LoadModelError;
 use crate::engine::handle::StartEngineError;
+use crate::engine::kv_pool::KvPool;
 use crate::engine::model::{LlamaModel, LoadOptions};
 use crate::engine::tokenizer::{BuildTokenizerError, GgufTokenizer};
-use crate::engine::{Engine, EngineConfig, EngineHandle};
+use crate::engine::{Engine, EngineConfig, EngineHandle, KvCacheSize};
+use crate::skills::store::OpenSkillStoreError;
+use crate::skills::{DesiredStateManager, SkillRegistry, SkillStore, SkillsConfig, StoreIdentity};
+
+/// How the skills of a served model are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkillsSettings {
+    /// Fraction of the KV pool skills may pin.
+    pub pinned_fraction: f64,
+    /// The node's skill KV store, if any.
+    pub store_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for SkillsSettings {
+    fn default() -> Self {
+        Self {
+            pinned_fraction: 0.5,
+            store_dir: None,
+        }
+    }
+}
 
 /// Why the model could not be made ready.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +49,9 @@ pub enum LoadServingError {
     /// The engine did not start.
     #[error("starting the engine failed")]
     Engine(#[from] StartEngineError),
+    /// The skill KV store could not be opened.
+    #[error(transparent)]
+    Store(#[from] OpenSkillStoreError),
 }
 
 /// The loaded model and its running engine.
@@ -38,9 +62,15 @@ pub struct Serving {
     /// The model's tokenizer.
     pub tokenizer: Arc<GgufTokenizer>,
     /// The model's chat template.
-    pub template: ChatTemplate,
+    pub template: Arc<ChatTemplate>,
     /// Identity of the model, as the admin API reports it.
     pub info: ModelInfo,
+    /// Blocks in the KV pool.
+    pub total_blocks: usize,
+    /// The skills and their KV.
+    pub skills: Arc<SkillRegistry>,
+    /// The admin API's desired state.
+    pub desired: DesiredStateManager,
 }
 
 /// The id clients send as `model`: the file name without `.gguf`.
@@ -55,11 +85,21 @@ pub fn model_id_of(path: &Path) -> String {
 }
 
 impl Serving {
-    /// Loads the model, tokenizer and template, and starts the engine (blocking; seconds).
-    pub fn load(path: &Path, mut engine_config: EngineConfig) -> Result<Self, LoadServingError> {
+    /// Loads the model, tokenizer and template, and starts the engine (blocking; seconds). The
+    /// skills get `pinned_fraction` of the KV pool. Must run inside a Tokio runtime.
+    pub fn load(
+        path: &Path,
+        mut engine_config: EngineConfig,
+        skills: &SkillsSettings,
+    ) -> Result<Self, LoadServingError> {
         let loaded = LlamaModel::load(path, &LoadOptions::default())?;
         let tokenizer = Arc::new(GgufTokenizer::from_gguf(&loaded.gguf)?);
-        let template = ChatTemplate::from_gguf(&loaded.gguf)?;
+        let template = Arc::new(ChatTemplate::from_gguf(&loaded.gguf)?);
+        let bytes_per_block = KvPool::bytes_per_block(&loaded.config).max(1);
+        let total_blocks = match engine_config.kv_cache {
+            KvCacheSize::Blocks(blocks) => blocks,
+            KvCacheSize::Bytes(bytes) => bytes / bytes_per_block,
+        };
         engine_config.cache_namespace.model_digest = loaded.model_digest.clone();
         engine_config.cache_namespace.tokenizer_digest = tokenizer.digest();
         let context_length = loaded.config.context_length;
@@ -76,12 +116,44 @@ impl Serving {
             context_length,
             namespace_root: engine.namespace_root(None),
         };
-        tracing::info!(model = %info.id, digest = %info.model_digest, "model loaded");
+        tracing::info!(model = %info.id, digest = %info.model_digest, total_blocks, "model loaded");
+        let store = match &skills.store_dir {
+            Some(dir) => Some(SkillStore::open(
+                dir,
+                StoreIdentity {
+                    model_digest: info.model_digest.clone(),
+                    tokenizer_digest: info.tokenizer_digest.clone(),
+                    chat_template_digest: info.chat_template_digest.clone(),
+                    kv_dtype: engine.config().cache_namespace.kv_dtype.clone(),
+                    kv_format_version: engine.config().cache_namespace.kv_format_version,
+                    n_layers: loaded.config.n_layers,
+                    block_floats: KvPool::floats_per_block_layer(&loaded.config),
+                    block_tokens: skillkv_api::block_hash::BLOCK_TOKENS,
+                },
+            )?),
+            None => None,
+        };
+        let registry = SkillRegistry::new(
+            engine.clone(),
+            tokenizer.clone(),
+            template.clone(),
+            SkillsConfig {
+                pinned_budget_blocks: (total_blocks as f64 * skills.pinned_fraction.clamp(0.0, 1.0))
+                    as usize,
+                kv_bytes_per_token: bytes_per_block / skillkv_api::block_hash::BLOCK_TOKENS,
+                ..SkillsConfig::default()
+            },
+            store,
+        );
+        let desired = DesiredStateManager::new(registry.clone());
         Ok(Self {
             engine,
             tokenizer,
             template,
             info,
+            total_blocks,
+            skills: registry,
+            desired,
         })
     }
 }

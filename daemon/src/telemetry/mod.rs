@@ -1,9 +1,20 @@
 //! GPU telemetry through NVML. When NVML cannot be initialised (no driver, no GPU, a CPU-only
 //! node) the daemon is in the "no GPU" state: [`GpuTelemetry::sample`] reports no devices and
 //! the metrics say `skillkv_gpu_present 0`. Figures a device does not report are `None`.
+//!
+//! Critical XID errors (the driver's reports of GPU faults) arrive as NVML events: a watcher
+//! thread waits on an event set registered for every device and counts them per device.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use nvml_wrapper::Nvml;
+use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureSensor};
+use nvml_wrapper::error::NvmlError;
+
+/// How long one wait for NVML events blocks before the watcher checks again.
+const XID_WAIT_MS: u32 = 5_000;
 
 /// One GPU's figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,12 +33,17 @@ pub struct GpuSample {
     pub power_milliwatts: Option<u32>,
     /// Uncorrected ECC errors since the driver loaded.
     pub uncorrected_ecc_errors: Option<u64>,
+    /// Critical XID errors seen since the daemon started (`None` when the device does not
+    /// deliver XID events).
+    pub xid_errors: Option<u64>,
 }
 
 /// Access to NVML, or the knowledge that there is none.
 #[derive(Debug)]
 pub struct GpuTelemetry {
-    nvml: Option<Nvml>,
+    nvml: Option<Arc<Nvml>>,
+    /// XID errors per device index, for devices whose events are watched.
+    xid_errors: Arc<Mutex<BTreeMap<u32, u64>>>,
 }
 
 impl GpuTelemetry {
@@ -36,7 +52,13 @@ impl GpuTelemetry {
         match Nvml::init() {
             Ok(nvml) => {
                 tracing::info!("NVML initialised; GPU telemetry on");
-                Self { nvml: Some(nvml) }
+                let nvml = Arc::new(nvml);
+                let xid_errors = Arc::new(Mutex::new(BTreeMap::new()));
+                watch_xid_errors(nvml.clone(), xid_errors.clone());
+                Self {
+                    nvml: Some(nvml),
+                    xid_errors,
+                }
             }
             Err(error) => {
                 tracing::info!(%error, "NVML unavailable; no GPU telemetry");
@@ -47,7 +69,10 @@ impl GpuTelemetry {
 
     /// The "no GPU" state.
     pub fn absent() -> Self {
-        Self { nvml: None }
+        Self {
+            nvml: None,
+            xid_errors: Arc::default(),
+        }
     }
 
     /// Whether NVML is available.
@@ -67,6 +92,11 @@ impl GpuTelemetry {
                 return Vec::new();
             }
         };
+        let xids = self
+            .xid_errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         (0..count)
             .filter_map(|index| {
                 let device = nvml.device_by_index(index).ok()?;
@@ -82,9 +112,66 @@ impl GpuTelemetry {
                     uncorrected_ecc_errors: device
                         .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
                         .ok(),
+                    xid_errors: xids.get(&index).copied(),
                 })
             })
             .collect()
+    }
+}
+
+/// Starts the thread that counts critical XID errors of every device that delivers them.
+fn watch_xid_errors(nvml: Arc<Nvml>, counts: Arc<Mutex<BTreeMap<u32, u64>>>) {
+    let spawned = std::thread::Builder::new()
+        .name("skillkv-nvml-xid".to_string())
+        .spawn(move || {
+            let Ok(mut set) = nvml.create_event_set() else {
+                tracing::info!("NVML event sets unavailable; XID errors are not counted");
+                return;
+            };
+            let count = nvml.device_count().unwrap_or(0);
+            for index in 0..count {
+                let Ok(device) = nvml.device_by_index(index) else {
+                    continue;
+                };
+                match device.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+                    Ok(registered) => {
+                        set = registered;
+                        counts
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(index, 0);
+                    }
+                    Err(error) => {
+                        tracing::info!(gpu = index, error = %error.error, "XID events unavailable");
+                        // A failed registration frees the set; start a new one for the rest.
+                        match nvml.create_event_set() {
+                            Ok(fresh) => set = fresh,
+                            Err(_) => return,
+                        }
+                    }
+                }
+            }
+            loop {
+                match set.wait(XID_WAIT_MS) {
+                    Ok(event) => {
+                        let index = event.device.index().unwrap_or(u32::MAX);
+                        tracing::error!(gpu = index, xid = ?event.event_data, "GPU reported a critical XID error");
+                        *counts
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .entry(index)
+                            .or_insert(0) += 1;
+                    }
+                    Err(NvmlError::Timeout) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "waiting for NVML events failed; XID watcher stops");
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start the XID watcher");
     }
 }
 

@@ -22,6 +22,7 @@ use crate::engine::radix::CacheEvent;
 use crate::engine::sampling::{Sampler, SamplingParams};
 use crate::engine::scheduler::sequence::{Generation, Purpose, SeqId, Sequence};
 use crate::engine::scheduler::text::TextState;
+use crate::engine::scheduler::transfer::{ImportPrefixError, PrefixKv};
 use crate::engine::scheduler::{ForwardModel, Scheduler, SchedulerLimits};
 use crate::engine::stats::{EngineStats, KvStats};
 use crate::engine::tokenizer::GgufTokenizer;
@@ -36,6 +37,11 @@ enum Command {
     Cancel(SeqId),
     Unpin(PinId, oneshot::Sender<Result<(), UnpinError>>),
     Stats(oneshot::Sender<EngineStats>),
+    ExportPin(PinId, oneshot::Sender<Option<PrefixKv>>),
+    ImportPinned(
+        Box<(BlockHash, Vec<u32>, PrefixKv)>,
+        oneshot::Sender<Result<PinnedPrefix, ImportPrefixError>>,
+    ),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -58,6 +64,7 @@ impl Engine {
         let limits = SchedulerLimits {
             max_batch_tokens: config.max_batch_tokens,
             max_seqs: config.max_seqs,
+            reuse_prefixes: config.reuse_prefixes,
         };
         let eos = tokenizer.as_ref().map(|tokenizer| tokenizer.eos_token_id());
         let model_config = model.config().clone();
@@ -220,6 +227,32 @@ impl EngineHandle {
             .await
             .map_err(|()| UnpinError::EngineStopped)?;
         answer.await.map_err(|_| UnpinError::EngineStopped)?
+    }
+
+    /// The KV of pin `id`'s blocks (for the node's skill store); `None` for an unknown pin or a
+    /// stopped engine.
+    pub async fn export_pin(&self, id: PinId) -> Option<PrefixKv> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::ExportPin(id, reply)).await.ok()?;
+        answer.await.ok().flatten()
+    }
+
+    /// Brings stored KV for the full blocks of `tokens` into the pool and pins it, instead of
+    /// prefilling. The caller vouches that `kv` was computed by this model for these tokens.
+    pub async fn import_pinned(
+        &self,
+        tokens: Vec<u32>,
+        adapter: Option<&str>,
+        kv: PrefixKv,
+    ) -> Result<PinnedPrefix, ImportPrefixError> {
+        self.validate(&tokens, None)
+            .map_err(|error| ImportPrefixError::Shape(error.to_string()))?;
+        let root = self.namespace_root(adapter);
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::ImportPinned(Box::new((root, tokens, kv)), reply))
+            .await
+            .map_err(|()| ImportPrefixError::EngineStopped)?;
+        answer.await.map_err(|_| ImportPrefixError::EngineStopped)?
     }
 
     /// Queue figures and KV accounting, after every command sent before this call.
@@ -422,6 +455,13 @@ fn apply_command<M: ForwardModel>(scheduler: &mut Scheduler<M>, command: Command
         }
         Command::Stats(reply) => {
             let _ = reply.send(scheduler.stats());
+        }
+        Command::ExportPin(id, reply) => {
+            let _ = reply.send(scheduler.export_pin(id));
+        }
+        Command::ImportPinned(request, reply) => {
+            let (root, tokens, kv) = *request;
+            let _ = reply.send(scheduler.import_pinned(root, &tokens, &kv));
         }
         Command::Shutdown(ack) => {
             scheduler.shut_down();

@@ -33,6 +33,9 @@ pub struct EngineConfig {
     pub cache_namespace: HashNamespace,
     /// Cache events buffered for slow subscribers before they start missing some.
     pub cache_event_capacity: usize,
+    /// Reuse cached prefixes at admission. Off only for baselines (`skillkv bench skills`
+    /// measures the same engine without prefix reuse).
+    pub reuse_prefixes: bool,
 }
 
 /// Version of the engine's KV layout (f32, `[kv_head][slot][head_dim]` per block and layer).
@@ -51,6 +54,7 @@ impl Default for EngineConfig {
                 ..HashNamespace::default()
             },
             cache_event_capacity: 1024,
+            reuse_prefixes: true,
         }
     }
 }

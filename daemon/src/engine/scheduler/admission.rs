@@ -49,7 +49,11 @@ impl<M: ForwardModel> Scheduler<M> {
     fn try_admit(&mut self, seq: &mut Sequence) -> Result<(), Refusal> {
         seq.extend_hashes();
         let len = seq.tokens.len();
-        let mut shared = self.cache.acquire_prefix(&seq.hashes);
+        let mut shared = if self.limits.reuse_prefixes {
+            self.cache.acquire_prefix(&seq.hashes)
+        } else {
+            Vec::new()
+        };
         let matched = shared.len();
         // A full hit: the last token is recomputed into a private copy of the last block.
         let copy_last = matched * BLOCK_SIZE == len;

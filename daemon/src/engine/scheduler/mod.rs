@@ -22,6 +22,7 @@ mod admission;
 mod outcome;
 pub mod sequence;
 pub mod text;
+pub mod transfer;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -62,6 +63,8 @@ pub struct SchedulerLimits {
     pub max_batch_tokens: usize,
     /// Most sequences running at once.
     pub max_seqs: usize,
+    /// Whether admission reuses cached prefixes.
+    pub reuse_prefixes: bool,
 }
 
 /// One sequence's share of a step: `len` tokens of `running[index]`.

@@ -12,11 +12,12 @@ use crate::engine::chat_template::ChatMessage;
 use crate::server::AppState;
 use crate::server::errors::ApiError;
 use crate::server::openai::generate::{
-    Finish, Generation, TokenLogprobs, TokenText, cache_header, log_prompt,
+    Finish, Generation, PromptSkills, TokenLogprobs, TokenText, log_prompt,
 };
 use crate::server::openai::sse::{ChunkFormat, stream_response};
 use crate::server::openai::types::{ApiJson, CommonFields, Usage, unix_now};
 use crate::server::request_id::RequestId;
+use crate::skills::{SkillSelection, assemble_chat};
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -115,18 +116,27 @@ pub async fn create(
     };
     let sampling = request.common.sampling(&serving.info.id, top_logprobs)?;
     let messages = to_chat_messages(&request.messages)?;
-    let prompt = serving.template.render(&messages, true).map_err(|error| {
-        ApiError::bad_param(
-            "messages",
-            format!("the chat template rejected the messages: {error}"),
-        )
-    })?;
-    log_prompt(&state, &prompt);
-    let prompt_tokens = serving
-        .tokenizer
-        .encode(&prompt)
-        .map_err(|error| ApiError::bad_param("messages", error.to_string()))?;
-    let generation = Generation::start(&state, &request_id, prompt_tokens, sampling)?;
+    let selection = request.common.skill_selection()?;
+    let query = messages
+        .iter()
+        .rev()
+        .find(|message| message.role == "user")
+        .map_or("", |message| message.content.as_str());
+    let resolved = serving.skills.resolve(&selection, query)?;
+    let texts: Vec<&str> = resolved
+        .iter()
+        .map(|skill| skill.version.document.text.as_str())
+        .collect();
+    let prompt = assemble_chat(&serving.template, &serving.tokenizer, &texts, &messages)?;
+    if state.config.log_content {
+        log_prompt(&state, &serving.tokenizer.decode(&prompt.tokens));
+    }
+    let skills = PromptSkills {
+        skills: resolved.into_iter().zip(prompt.skill_spans).collect(),
+        detected: selection == SkillSelection::Auto,
+    };
+    let generation = Generation::start(&state, &request_id, prompt.tokens, skills, sampling)?;
+    let header = generation.cache_header();
     let id = format!("chatcmpl-{request_id}");
     let model = serving.info.id.clone();
     let created = unix_now();
@@ -154,7 +164,7 @@ pub async fn create(
         }],
         "usage": Usage::from(collected.finish.usage),
     });
-    Ok(([cache_header()], axum::Json(body)).into_response())
+    Ok(([header], axum::Json(body)).into_response())
 }
 
 fn token_json(token: &TokenText) -> Value {

@@ -10,10 +10,10 @@ use serde_json::{Map, Value, json};
 use crate::server::AppState;
 use crate::server::errors::ApiError;
 use crate::server::openai::generate::{
-    Finish, Generation, TokenLogprobs, cache_header, log_prompt,
+    Finish, Generation, PromptSkills, TokenLogprobs, log_prompt,
 };
 use crate::server::openai::sse::{ChunkFormat, stream_response};
-use crate::server::openai::types::{ApiJson, CommonFields, Usage, unix_now};
+use crate::server::openai::types::{ApiJson, CommonFields, SkillsField, Usage, unix_now};
 use crate::server::request_id::RequestId;
 
 /// The request body.
@@ -105,7 +105,24 @@ pub async fn create(
         Prompt::Texts(texts) => encode(&one_prompt(texts)?)?,
         Prompt::TokenLists(lists) => one_prompt(lists)?,
     };
-    let generation = Generation::start(&state, &request_id, prompt_tokens, sampling)?;
+    // Skills are chat messages; a raw completion prompt gets none, and asking for some is an
+    // error rather than a silent no-op.
+    if let Some(SkillsField::Names(names)) = &request.common.skills
+        && !names.is_empty()
+    {
+        return Err(ApiError::bad_param(
+            "skills",
+            "skills apply to /v1/chat/completions only; send no `skills` to /v1/completions",
+        ));
+    }
+    let generation = Generation::start(
+        &state,
+        &request_id,
+        prompt_tokens,
+        PromptSkills::default(),
+        sampling,
+    )?;
+    let header = generation.cache_header();
     let mut format = CompletionChunks {
         id: format!("cmpl-{request_id}"),
         model: serving.info.id.clone(),
@@ -135,7 +152,7 @@ pub async fn create(
         }],
         "usage": Usage::from(collected.finish.usage),
     });
-    Ok(([cache_header()], axum::Json(body)).into_response())
+    Ok(([header], axum::Json(body)).into_response())
 }
 
 /// Shapes `text_completion` chunks.

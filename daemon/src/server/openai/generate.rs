@@ -2,6 +2,7 @@
 //! text deltas (with OpenAI-style logprobs) and a final finish record, enforces the request
 //! timeout and records the latency and token metrics. Dropping it cancels the generation.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,16 +14,56 @@ use crate::engine::{FinishReason, GenerateRequest, GenerationEvent, GenerationSt
 use crate::server::AppState;
 use crate::server::errors::ApiError;
 use crate::server::metrics::{Metrics, TokenUsage};
+use crate::skills::ResolvedSkill;
 
 /// Response header naming the cache mode and the skills used.
 pub const CACHE_HEADER: &str = "x-skillkv-cache";
 
-/// The cache header: exact prefix reuse, no skills (skills are not loaded in this daemon).
-pub fn cache_header() -> (HeaderName, HeaderValue) {
-    (
-        HeaderName::from_static(CACHE_HEADER),
-        HeaderValue::from_static("mode=exact-prefix; skills=none"),
-    )
+/// The skills a prompt was assembled with: for the cache header and per-skill accounting.
+#[derive(Debug, Clone, Default)]
+pub struct PromptSkills {
+    /// Each skill and the prompt-token range of its segment.
+    pub skills: Vec<(ResolvedSkill, Range<usize>)>,
+    /// Whether they were detected (rather than named by the request).
+    pub detected: bool,
+}
+
+impl PromptSkills {
+    /// `x-skillkv-cache: mode=exact; skills=a,b; selection=named|detected; warm=a` — the
+    /// assembly mode (exact prefix reuse), the skills in prompt order, how they were chosen and
+    /// which of them had pinned KV.
+    pub fn cache_header(&self) -> (HeaderName, HeaderValue) {
+        let list = |names: Vec<&str>| {
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(",")
+            }
+        };
+        let names = list(self.skills.iter().map(|(s, _)| s.name.as_str()).collect());
+        let warm = list(
+            self.skills
+                .iter()
+                .filter(|(s, _)| s.warm)
+                .map(|(s, _)| s.name.as_str())
+                .collect(),
+        );
+        let selection = if self.detected { "detected" } else { "named" };
+        let value = format!("mode=exact; skills={names}; selection={selection}; warm={warm}");
+        (
+            HeaderName::from_static(CACHE_HEADER),
+            HeaderValue::from_str(&value)
+                .unwrap_or_else(|_| HeaderValue::from_static("mode=exact")),
+        )
+    }
+
+    /// Counts one use of each skill, with the part of its segment that `cached_tokens` covered.
+    fn record_use(&self, cached_tokens: usize) {
+        for (skill, span) in &self.skills {
+            let cached = cached_tokens.min(span.end).saturating_sub(span.start);
+            skill.counters.record_use(cached);
+        }
+    }
 }
 
 /// A token's text, bytes and log-probability.
@@ -93,6 +134,7 @@ pub struct Generation {
     timeout: Duration,
     first_token: Option<Duration>,
     content_log: Option<String>,
+    skills: PromptSkills,
 }
 
 impl Generation {
@@ -101,6 +143,7 @@ impl Generation {
         state: &AppState,
         request_id: &str,
         prompt_tokens: Vec<u32>,
+        skills: PromptSkills,
         sampling: SamplingParams,
     ) -> Result<Self, ApiError> {
         let serving = state.serving()?;
@@ -122,7 +165,13 @@ impl Generation {
             timeout,
             first_token: None,
             content_log: state.config.log_content.then(String::new),
+            skills,
         })
+    }
+
+    /// The `x-skillkv-cache` response header.
+    pub fn cache_header(&self) -> (HeaderName, HeaderValue) {
+        self.skills.cache_header()
     }
 
     /// The next piece; an error ends the generation.
@@ -139,8 +188,12 @@ impl Generation {
                         message: "the engine ended the generation without a result".to_string(),
                     });
                 }
-                Some(GenerationEvent::Started { queue_time, .. }) => {
+                Some(GenerationEvent::Started {
+                    queue_time,
+                    cached_tokens,
+                }) => {
                     self.metrics.queue.observe(queue_time.as_secs_f64());
+                    self.skills.record_use(cached_tokens);
                 }
                 Some(GenerationEvent::Token {
                     id,

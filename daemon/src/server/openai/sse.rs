@@ -10,7 +10,7 @@ use axum::response::Response;
 use serde_json::Value;
 
 use crate::server::errors::ApiError;
-use crate::server::openai::generate::{Finish, Generation, Piece, TokenLogprobs, cache_header};
+use crate::server::openai::generate::{Finish, Generation, Piece, TokenLogprobs};
 
 /// The last frame of a successful stream.
 pub const DONE_FRAME: &[u8] = b"data: [DONE]\n\n";
@@ -39,6 +39,7 @@ struct StreamState<F> {
 /// A streaming response driven by `generation`. Dropping the body (client gone) drops the
 /// generation, which cancels it in the engine.
 pub fn stream_response<F: ChunkFormat>(generation: Generation, mut format: F) -> Response {
+    let (name, value) = generation.cache_header();
     let pending = format.opening().iter().map(data_frame).collect();
     let state = StreamState {
         generation: Some(generation),
@@ -77,7 +78,6 @@ pub fn stream_response<F: ChunkFormat>(generation: Generation, mut format: F) ->
         }
     });
     let mut response = event_stream(frames);
-    let (name, value) = cache_header();
     response.headers_mut().insert(name, value);
     response
 }

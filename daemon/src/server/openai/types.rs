@@ -11,6 +11,7 @@ use crate::engine::sampling::SamplingParams;
 use crate::server::AppState;
 use crate::server::errors::ApiError;
 use crate::server::metrics::TokenUsage;
+use crate::skills::SkillSelection;
 
 /// `Json<T>` whose rejections (bad JSON, wrong types, too large) become [`ApiError`]s.
 #[derive(Debug)]
@@ -91,8 +92,18 @@ pub struct CommonFields {
     pub stream: Option<bool>,
     /// Streaming options.
     pub stream_options: Option<StreamOptions>,
-    /// Skills to use (skillkv extension).
-    pub skills: Option<Vec<String>>,
+    /// Skills to use (skillkv extension): a list of names (`[]` for none) or `"auto"`.
+    pub skills: Option<SkillsField>,
+}
+
+/// The `skills` request field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SkillsField {
+    /// `"auto"` (anything else is rejected).
+    Keyword(String),
+    /// Skill names.
+    Names(Vec<String>),
 }
 
 impl CommonFields {
@@ -105,6 +116,19 @@ impl CommonFields {
     pub fn include_usage(&self) -> bool {
         self.stream_options
             .is_some_and(|options| options.include_usage)
+    }
+
+    /// Which skills the request wants: absent or `"auto"` means detection.
+    pub fn skill_selection(&self) -> Result<SkillSelection, ApiError> {
+        match &self.skills {
+            None => Ok(SkillSelection::Auto),
+            Some(SkillsField::Keyword(keyword)) if keyword == "auto" => Ok(SkillSelection::Auto),
+            Some(SkillsField::Keyword(other)) => Err(ApiError::bad_param(
+                "skills",
+                format!("`skills` must be a list of skill names or \"auto\", not \"{other}\""),
+            )),
+            Some(SkillsField::Names(names)) => Ok(SkillSelection::Named(names.clone())),
+        }
     }
 
     /// Checks the request-level fields and builds the sampling parameters (ranges are checked
@@ -123,16 +147,6 @@ impl CommonFields {
             return Err(ApiError::bad_param(
                 "n",
                 format!("n = {n} is not supported; only n = 1 is"),
-            ));
-        }
-        if self
-            .skills
-            .as_ref()
-            .is_some_and(|skills| !skills.is_empty())
-        {
-            return Err(ApiError::bad_param(
-                "skills",
-                "skills are not loaded in this daemon; send no `skills` or an empty list",
             ));
         }
         let defaults = SamplingParams::default();

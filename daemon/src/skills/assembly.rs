@@ -1,0 +1,160 @@
+//! Prompt assembly: where skills go in a chat prompt and which token ids they become.
+//!
+//! A request with skills is the conversation `[system: skill 1] … [system: skill n]` followed
+//! by the client's own messages, rendered with the model's chat template, skills in canonical
+//! (name) order. So that the tokens of a skill never depend on what follows it, the prompt is
+//! tokenized piecewise: the rendering of the first `k` skill messages must be a prefix of the
+//! rendering of the first `k + 1` and of the whole prompt, and each difference is tokenized on
+//! its own. The pinned KV of a skill is the tokens of `[system: skill]` alone — exactly the
+//! prefix of every request whose first skill it is, so the radix cache reuses it bit for bit.
+//! Templates that do not render message lists prefix-stably are detected and reported as an
+//! error instead of silently producing tokens the cache cannot match.
+
+use std::ops::Range;
+
+use crate::engine::chat_template::{ChatMessage, ChatTemplate, RenderTemplateError};
+use crate::engine::tokenizer::{EncodeTextError, GgufTokenizer};
+
+/// The role skill messages are rendered with.
+pub const SKILL_ROLE: &str = "system";
+
+/// A chat prompt with its skills, tokenized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssembledPrompt {
+    /// Every prompt token.
+    pub tokens: Vec<u32>,
+    /// For each skill, in order, the token range its segment occupies.
+    pub skill_spans: Vec<Range<usize>>,
+}
+
+/// Why a prompt could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum AssemblePromptError {
+    /// The chat template failed.
+    #[error(transparent)]
+    Render(#[from] RenderTemplateError),
+    /// The tokenizer failed.
+    #[error(transparent)]
+    Encode(#[from] EncodeTextError),
+    /// The template does not render a longer conversation as an extension of a shorter one, so
+    /// skill segments cannot be cached independently of what follows them.
+    #[error(
+        "the chat template does not render skill messages prefix-stably (after {skills} skills)"
+    )]
+    NotPrefixStable {
+        /// Skill messages rendered when the check failed.
+        skills: usize,
+    },
+}
+
+/// The skill messages for `skill_texts`, in the given order.
+fn skill_messages<'a>(skill_texts: impl IntoIterator<Item = &'a str>) -> Vec<ChatMessage> {
+    skill_texts
+        .into_iter()
+        .map(|text| ChatMessage::new(SKILL_ROLE, text))
+        .collect()
+}
+
+/// The tokens of a skill on its own — what is prefilled and pinned for it.
+pub fn skill_prefix_tokens(
+    template: &ChatTemplate,
+    tokenizer: &GgufTokenizer,
+    skill_text: &str,
+) -> Result<Vec<u32>, AssemblePromptError> {
+    let text = template.render(&skill_messages([skill_text]), false)?;
+    Ok(tokenizer.encode(&text)?)
+}
+
+/// Assembles `[skills…][conversation]` (with the assistant header at the end). `skill_texts`
+/// must already be in canonical order.
+pub fn assemble_chat(
+    template: &ChatTemplate,
+    tokenizer: &GgufTokenizer,
+    skill_texts: &[&str],
+    conversation: &[ChatMessage],
+) -> Result<AssembledPrompt, AssemblePromptError> {
+    let mut messages = skill_messages(skill_texts.iter().copied());
+    messages.extend(conversation.iter().cloned());
+    let full = template.render(&messages, true)?;
+    let mut tokens = Vec::new();
+    let mut skill_spans = Vec::with_capacity(skill_texts.len());
+    let mut rendered = 0;
+    for count in 1..=skill_texts.len() {
+        let prefix = template.render(&messages[..count], false)?;
+        if !full.starts_with(&prefix) || prefix.len() < rendered {
+            return Err(AssemblePromptError::NotPrefixStable { skills: count });
+        }
+        let start = tokens.len();
+        tokens.extend(tokenizer.encode(&prefix[rendered..])?);
+        skill_spans.push(start..tokens.len());
+        rendered = prefix.len();
+    }
+    tokens.extend(tokenizer.encode(&full[rendered..])?);
+    Ok(AssembledPrompt {
+        tokens,
+        skill_spans,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testing::{TinyModelSpec, tiny_tokenizer_and_template};
+
+    fn fixtures() -> (GgufTokenizer, ChatTemplate) {
+        tiny_tokenizer_and_template(&TinyModelSpec::default()).expect("tiny model")
+    }
+
+    #[test]
+    fn a_skill_alone_is_the_prefix_of_every_request_it_leads() {
+        let (tokenizer, template) = fixtures();
+        let skill = "---\nname: alpha\ndescription: a\n---\nAlways answer in haiku.";
+        let alone = skill_prefix_tokens(&template, &tokenizer, skill).expect("tokens");
+        let other = "---\nname: beta\ndescription: b\n---\nCite sources.";
+        let conversation = [ChatMessage::new("user", "hello there")];
+        let prompt =
+            assemble_chat(&template, &tokenizer, &[skill, other], &conversation).expect("prompt");
+        assert!(prompt.tokens.starts_with(&alone));
+        assert_eq!(prompt.skill_spans[0], 0..alone.len());
+        assert_eq!(prompt.skill_spans[1].start, alone.len());
+        assert!(prompt.skill_spans[1].end < prompt.tokens.len());
+    }
+
+    #[test]
+    fn without_skills_the_prompt_is_the_plain_rendering() {
+        let (tokenizer, template) = fixtures();
+        let conversation = [
+            ChatMessage::new("system", "be brief"),
+            ChatMessage::new("user", "hi"),
+        ];
+        let prompt = assemble_chat(&template, &tokenizer, &[], &conversation).expect("prompt");
+        let plain = tokenizer
+            .encode(&template.render(&conversation, true).expect("render"))
+            .expect("encode");
+        assert_eq!(prompt.tokens, plain);
+        assert!(prompt.skill_spans.is_empty());
+    }
+
+    #[test]
+    fn a_template_that_is_not_prefix_stable_is_refused() {
+        let (tokenizer, _) = fixtures();
+        // Renders the message count first, so a longer list is not an extension of a shorter.
+        let template = ChatTemplate::new(
+            "{{ messages|length }}{% for m in messages %}{{ m.content }}{% endfor %}".to_string(),
+            String::new(),
+            String::new(),
+        )
+        .expect("compiles");
+        let error = assemble_chat(
+            &template,
+            &tokenizer,
+            &["skill"],
+            &[ChatMessage::new("user", "q")],
+        )
+        .expect_err("not prefix-stable");
+        assert!(matches!(
+            error,
+            AssemblePromptError::NotPrefixStable { skills: 1 }
+        ));
+    }
+}

@@ -1,0 +1,19 @@
+//! Skills on the daemon: where their tokens go in a prompt ([`assembly`]), the registry of
+//! their KV lifecycle, budget and accounting ([`registry`]), the `--skills` folder
+//! ([`directory`]), the admin API's desired state ([`desired`]) and the node's KV store
+//! ([`store`]).
+
+pub mod assembly;
+pub mod desired;
+pub mod directory;
+pub mod registry;
+pub mod store;
+
+pub use assembly::{AssemblePromptError, AssembledPrompt, assemble_chat, skill_prefix_tokens};
+pub use desired::{ApplyDesiredStateError, DesiredStateManager};
+pub use directory::{LoadSkillDirError, load_skill_dir};
+pub use registry::{
+    ResolveSkillsError, ResolvedSkill, SkillCounters, SkillRegistry, SkillSelection, SkillUpdate,
+    SkillVersion, SkillsConfig,
+};
+pub use store::{SkillStore, StoreIdentity};

@@ -1,0 +1,495 @@
+//! The daemon's skill registry: every skill it knows, its lifecycle
+//! (Pending → Prefilling → Ready | Failed), the pinned-KV budget, hot updates and per-skill
+//! accounting.
+//!
+//! A skill's KV is its prefix tokens (see [`super::assembly`]) prefilled and pinned in the
+//! engine's radix cache. Prefills run one at a time, highest priority first within a batch of
+//! changes. A new version of a skill is prefilled while the old one keeps serving; when it is
+//! Ready the switch is one assignment under the lock, and the old pin is released afterwards —
+//! requests that started on the old version hold their blocks through the engine's reference
+//! counts, so they finish on it. A skill whose pinned blocks would exceed the budget is Failed
+//! with reason `InsufficientKVCapacity`; nothing already pinned is evicted to make room.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use skillkv_api::admin::{AdminEvent, SkillOrigin, SkillState};
+use skillkv_api::skills::{DetectorConfig, SkillDetector, SkillDocument};
+use skillkv_api::v1alpha1::{Assembly, PlacementState};
+use tokio::sync::{Semaphore, broadcast, watch};
+
+use crate::engine::EngineHandle;
+use crate::engine::chat_template::ChatTemplate;
+use crate::engine::handle::PinId;
+use crate::engine::tokenizer::GgufTokenizer;
+use crate::skills::assembly::skill_prefix_tokens;
+use crate::skills::store::SkillStore;
+
+mod prefill;
+
+pub use prefill::LOADED_FROM_STORE;
+
+/// Limits of the registry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkillsConfig {
+    /// Most KV blocks all skills together may pin.
+    pub pinned_budget_blocks: usize,
+    /// Bytes of KV per token (for the reported `kvBytes`).
+    pub kv_bytes_per_token: usize,
+    /// Detection of skills for requests that name none.
+    pub detector: DetectorConfig,
+    /// Most skills one request may name.
+    pub max_skills_per_request: usize,
+}
+
+impl Default for SkillsConfig {
+    fn default() -> Self {
+        Self {
+            pinned_budget_blocks: 0,
+            kv_bytes_per_token: 0,
+            detector: DetectorConfig::default(),
+            max_skills_per_request: 8,
+        }
+    }
+}
+
+/// One version of a skill's text and its prefix tokens.
+#[derive(Debug)]
+pub struct SkillVersion {
+    /// The parsed SKILL.md.
+    pub document: SkillDocument,
+    /// The tokens prefilled and pinned for it (`[system: SKILL.md]`).
+    pub prefix_tokens: Vec<u32>,
+}
+
+/// Per-skill usage counters, shared with requests that use the skill.
+#[derive(Debug, Default)]
+pub struct SkillCounters {
+    hits: AtomicU64,
+    cached_tokens: AtomicU64,
+    saved_nanos: AtomicU64,
+    /// Prefill cost per token in nanoseconds, from the skill's last prefill.
+    prefill_nanos_per_token: AtomicU64,
+}
+
+impl SkillCounters {
+    /// Records one request that used the skill and had `cached_tokens` of its segment served
+    /// from cache.
+    pub fn record_use(&self, cached_tokens: usize) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        let cached = cached_tokens as u64;
+        self.cached_tokens.fetch_add(cached, Ordering::Relaxed);
+        let per_token = self.prefill_nanos_per_token.load(Ordering::Relaxed);
+        self.saved_nanos
+            .fetch_add(cached.saturating_mul(per_token), Ordering::Relaxed);
+    }
+}
+
+/// A skill chosen for a request: the version it uses and where to count its use.
+#[derive(Debug, Clone)]
+pub struct ResolvedSkill {
+    /// The skill's name.
+    pub name: String,
+    /// The version the request is assembled with.
+    pub version: Arc<SkillVersion>,
+    /// Whether that version's KV is pinned.
+    pub warm: bool,
+    /// Its counters.
+    pub counters: Arc<SkillCounters>,
+}
+
+/// Which skills a request wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkillSelection {
+    /// Detect them from the request's text.
+    Auto,
+    /// Exactly these (possibly none).
+    Named(Vec<String>),
+}
+
+/// Why a request's skills could not be resolved.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResolveSkillsError {
+    /// A named skill is not on this daemon.
+    #[error("unknown skill `{name}`; this daemon has: {known}")]
+    UnknownSkill {
+        /// The name.
+        name: String,
+        /// The names it has, comma-separated.
+        known: String,
+    },
+    /// Too many skills named.
+    #[error("{count} skills named; at most {max} per request")]
+    TooMany {
+        /// How many were named.
+        count: usize,
+        /// The bound.
+        max: usize,
+    },
+}
+
+#[derive(Debug)]
+struct ServingVersion {
+    version: Arc<SkillVersion>,
+    pin: PinId,
+    blocks: usize,
+    prefill_millis: u64,
+}
+
+#[derive(Debug)]
+struct SkillEntry {
+    origin: SkillOrigin,
+    assembly: Assembly,
+    priority: i32,
+    latest: Arc<SkillVersion>,
+    state: PlacementState,
+    message: Option<String>,
+    revision: u64,
+    serving: Option<ServingVersion>,
+    /// Blocks reserved for an in-flight prefill of `latest`.
+    reserved_blocks: usize,
+    counters: Arc<SkillCounters>,
+}
+
+#[derive(Debug, Default)]
+struct RegistryState {
+    skills: BTreeMap<String, SkillEntry>,
+    next_revision: u64,
+    detector: Option<Arc<SkillDetector>>,
+}
+
+impl RegistryState {
+    /// Blocks held by serving pins and reserved by prefills.
+    fn committed_blocks(&self) -> usize {
+        self.skills
+            .values()
+            .map(|entry| entry.reserved_blocks + entry.serving.as_ref().map_or(0, |s| s.blocks))
+            .sum()
+    }
+}
+
+/// A skill to add or update.
+#[derive(Debug, Clone)]
+pub struct SkillUpdate {
+    /// The name requests use.
+    pub name: String,
+    /// The parsed SKILL.md.
+    pub document: SkillDocument,
+    /// Where it came from.
+    pub origin: SkillOrigin,
+    /// How it is assembled.
+    pub assembly: Assembly,
+    /// Higher first when the budget is short.
+    pub priority: i32,
+}
+
+/// The registry. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct SkillRegistry {
+    engine: EngineHandle,
+    tokenizer: Arc<GgufTokenizer>,
+    template: Arc<ChatTemplate>,
+    config: SkillsConfig,
+    store: Option<SkillStore>,
+    state: Mutex<RegistryState>,
+    prefill_gate: Semaphore,
+    events: broadcast::Sender<AdminEvent>,
+    /// Bumped on every state change (tests and the CLI wait on it).
+    changes: watch::Sender<u64>,
+}
+
+impl SkillRegistry {
+    /// An empty registry over a running engine.
+    pub fn new(
+        engine: EngineHandle,
+        tokenizer: Arc<GgufTokenizer>,
+        template: Arc<ChatTemplate>,
+        config: SkillsConfig,
+        store: Option<SkillStore>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            engine,
+            tokenizer,
+            template,
+            config,
+            store,
+            state: Mutex::new(RegistryState::default()),
+            prefill_gate: Semaphore::new(1),
+            events: broadcast::channel(256).0,
+            changes: watch::channel(0).0,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RegistryState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The registry's limits.
+    pub fn config(&self) -> &SkillsConfig {
+        &self.config
+    }
+
+    /// Skill state changes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<AdminEvent> {
+        self.events.subscribe()
+    }
+
+    /// A receiver that changes whenever any skill's state does.
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn publish(&self, state: &mut RegistryState, name: &str) {
+        let event = match state.skills.get(name) {
+            Some(entry) => AdminEvent::SkillState(self.snapshot_of(name, entry)),
+            None => AdminEvent::SkillRemoved {
+                name: name.to_string(),
+            },
+        };
+        state.detector = None;
+        let _ = self.events.send(event);
+        self.changes.send_modify(|count| *count += 1);
+    }
+
+    fn snapshot_of(&self, name: &str, entry: &SkillEntry) -> SkillState {
+        let front = &entry.latest.document.front_matter;
+        let tokens = entry.latest.prefix_tokens.len();
+        SkillState {
+            name: name.to_string(),
+            version: front.version.clone(),
+            description: front.description.clone(),
+            keywords: front.keywords.clone(),
+            content_hash: entry.latest.document.content_hash.clone(),
+            serving_content_hash: entry
+                .serving
+                .as_ref()
+                .map(|s| s.version.document.content_hash.clone()),
+            origin: entry.origin,
+            assembly: entry.assembly,
+            state: entry.state,
+            message: entry.message.clone(),
+            tokens,
+            kv_bytes: (tokens * self.config.kv_bytes_per_token) as u64,
+            prefill_millis: entry.serving.as_ref().map(|s| s.prefill_millis),
+            hits: entry.counters.hits.load(Ordering::Relaxed),
+            cached_tokens: entry.counters.cached_tokens.load(Ordering::Relaxed),
+            prefill_seconds_saved: entry.counters.saved_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        }
+    }
+
+    /// Every skill's state, by name.
+    pub fn snapshot(&self) -> Vec<SkillState> {
+        let state = self.lock();
+        state
+            .skills
+            .iter()
+            .map(|(name, entry)| self.snapshot_of(name, entry))
+            .collect()
+    }
+
+    /// Blocks pinned or reserved by skills.
+    pub fn committed_blocks(&self) -> usize {
+        self.lock().committed_blocks()
+    }
+
+    /// True when no skill is Pending or Prefilling.
+    pub fn all_settled(&self) -> bool {
+        self.lock()
+            .skills
+            .values()
+            .all(|entry| matches!(entry.state, PlacementState::Ready | PlacementState::Failed))
+    }
+
+    /// Names of the skills from `origin`.
+    pub fn names_from(&self, origin: SkillOrigin) -> Vec<String> {
+        self.lock()
+            .skills
+            .iter()
+            .filter(|(_, entry)| entry.origin == origin)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Adds or updates skills; a changed text starts a prefill (highest priority first).
+    /// Returns whether anything changed.
+    pub fn upsert(self: &Arc<Self>, mut updates: Vec<SkillUpdate>) -> bool {
+        updates.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
+        let mut changed = false;
+        for update in updates {
+            changed |= self.upsert_one(update);
+        }
+        changed
+    }
+
+    fn upsert_one(self: &Arc<Self>, update: SkillUpdate) -> bool {
+        let mut state = self.lock();
+        if let Some(entry) = state.skills.get_mut(&update.name)
+            && entry.latest.document.content_hash == update.document.content_hash
+        {
+            let changed = (entry.origin, entry.assembly, entry.priority)
+                != (update.origin, update.assembly, update.priority);
+            entry.origin = update.origin;
+            entry.assembly = update.assembly;
+            entry.priority = update.priority;
+            if changed {
+                self.publish(&mut state, &update.name);
+            }
+            return changed;
+        }
+        let prefix = skill_prefix_tokens(&self.template, &self.tokenizer, &update.document.text);
+        let (prefix_tokens, failure) = match prefix {
+            Ok(tokens) => (tokens, None),
+            Err(error) => (
+                Vec::new(),
+                Some(format!("cannot tokenize the skill: {error}")),
+            ),
+        };
+        let version = Arc::new(SkillVersion {
+            document: update.document,
+            prefix_tokens,
+        });
+        state.next_revision += 1;
+        let revision = state.next_revision;
+        let (phase, message) = match failure {
+            Some(message) => (PlacementState::Failed, Some(message)),
+            None => (PlacementState::Pending, None),
+        };
+        let entry = state
+            .skills
+            .entry(update.name.clone())
+            .or_insert_with(|| SkillEntry {
+                origin: update.origin,
+                assembly: update.assembly,
+                priority: update.priority,
+                latest: version.clone(),
+                state: phase,
+                message: None,
+                revision,
+                serving: None,
+                reserved_blocks: 0,
+                counters: Arc::default(),
+            });
+        entry.origin = update.origin;
+        entry.assembly = update.assembly;
+        entry.priority = update.priority;
+        entry.latest = version;
+        entry.state = phase;
+        entry.message = message;
+        entry.revision = revision;
+        entry.reserved_blocks = 0;
+        self.publish(&mut state, &update.name);
+        drop(state);
+        if phase == PlacementState::Pending {
+            let registry = self.clone();
+            let name = update.name;
+            tokio::spawn(async move { registry.prefill(name, revision).await });
+        }
+        true
+    }
+
+    /// Removes skills; their pins are released. Returns whether anything changed.
+    pub fn remove(&self, names: &[String]) -> bool {
+        let mut unpins = Vec::new();
+        let mut changed = false;
+        let mut state = self.lock();
+        for name in names {
+            if let Some(entry) = state.skills.remove(name) {
+                unpins.extend(entry.serving.map(|s| s.pin));
+                self.publish(&mut state, name);
+                changed = true;
+            }
+        }
+        drop(state);
+        self.release_pins(unpins);
+        changed
+    }
+
+    fn release_pins(&self, pins: Vec<PinId>) {
+        if pins.is_empty() {
+            return;
+        }
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            for pin in pins {
+                if let Err(error) = engine.unpin(pin).await {
+                    tracing::warn!(%error, "releasing a skill's pin failed");
+                }
+            }
+        });
+    }
+
+    /// The skills for a request; `query` is the text detection looks at.
+    pub fn resolve(
+        &self,
+        selection: &SkillSelection,
+        query: &str,
+    ) -> Result<Vec<ResolvedSkill>, ResolveSkillsError> {
+        let mut state = self.lock();
+        let names: Vec<String> = match selection {
+            SkillSelection::Named(names) => {
+                if names.len() > self.config.max_skills_per_request {
+                    return Err(ResolveSkillsError::TooMany {
+                        count: names.len(),
+                        max: self.config.max_skills_per_request,
+                    });
+                }
+                let mut names = names.clone();
+                names.sort();
+                names.dedup();
+                names
+            }
+            SkillSelection::Auto => {
+                let detector = match &state.detector {
+                    Some(detector) => detector.clone(),
+                    None => {
+                        let cards = state.skills.iter().map(|(name, entry)| {
+                            let mut card = entry.latest.document.card();
+                            card.name = name.clone();
+                            card
+                        });
+                        let detector =
+                            Arc::new(SkillDetector::new(cards, self.config.detector.clone()));
+                        state.detector = Some(detector.clone());
+                        detector
+                    }
+                };
+                let mut names: Vec<String> = detector
+                    .detect(query)
+                    .into_iter()
+                    .map(|detection| detection.name)
+                    .collect();
+                names.sort();
+                names
+            }
+        };
+        names
+            .into_iter()
+            .map(|name| {
+                let Some(entry) = state.skills.get(&name) else {
+                    let known: Vec<&str> = state.skills.keys().map(String::as_str).collect();
+                    return Err(ResolveSkillsError::UnknownSkill {
+                        name,
+                        known: if known.is_empty() {
+                            "no skills".to_string()
+                        } else {
+                            known.join(", ")
+                        },
+                    });
+                };
+                let (version, warm) = match &entry.serving {
+                    Some(serving) => (serving.version.clone(), true),
+                    None => (entry.latest.clone(), false),
+                };
+                Ok(ResolvedSkill {
+                    name,
+                    version,
+                    warm,
+                    counters: entry.counters.clone(),
+                })
+            })
+            .collect()
+    }
+}

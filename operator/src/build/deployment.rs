@@ -1,0 +1,233 @@
+//! The Deployment of daemon pods generated for a ModelDeployment: image and arguments, resources
+//! (`nvidia.com/gpu` when `gpus > 0`), placement, the model volume, the node-local skill KV store,
+//! the admin-token Secret, probes and the `skillkv.io/skills-warm` readiness gate.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, HTTPGetAction, LocalObjectReference, PodReadinessGate,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use skillkv_api::v1alpha1::ModelDeployment;
+
+use super::model_source::{ModelFetch, host_path_volume, resolve_model_uri};
+use super::{BuildChildrenError, child_metadata};
+use crate::names;
+
+/// Where the node-local skill KV store is mounted in daemon pods.
+pub const KV_STORE_MOUNT: &str = "/var/lib/skillkv/kv";
+
+/// Operator-wide inputs of the daemon Deployment (from the controller's settings).
+#[derive(Debug, Clone, Copy)]
+pub struct DaemonPoolConfig<'a> {
+    /// Image for ModelDeployments without `spec.image`.
+    pub default_image: &'a str,
+    /// Image pull policy of daemon pods.
+    pub pull_policy: &'a str,
+    /// Image pull Secrets of daemon pods.
+    pub pull_secrets: &'a [String],
+    /// Node directory of the `hf://` model cache.
+    pub model_cache_dir: &'a str,
+}
+
+/// Builds the daemon Deployment of a ModelDeployment.
+pub fn build_daemon_deployment(
+    model: &ModelDeployment,
+    config: DaemonPoolConfig<'_>,
+) -> Result<Deployment, BuildChildrenError> {
+    let name = model
+        .meta()
+        .name
+        .clone()
+        .ok_or(BuildChildrenError::MissingMetadata("name"))?;
+    let spec = &model.spec;
+    let image = spec.image.as_deref().unwrap_or(config.default_image);
+    let model_mount = resolve_model_uri(
+        &spec.model.uri,
+        ModelFetch {
+            image,
+            pull_policy: config.pull_policy,
+            cache_dir: config.model_cache_dir,
+            sha256: spec.model.sha256.as_deref(),
+        },
+    )?;
+
+    let token_path = format!("{}/{}", names::ADMIN_TOKEN_MOUNT, names::ADMIN_TOKEN_KEY);
+    let mut args = vec![
+        "serve".to_owned(),
+        "--host=0.0.0.0".to_owned(),
+        format!("--port={}", names::DAEMON_PUBLIC_PORT),
+        format!("--admin-port={}", names::DAEMON_ADMIN_PORT),
+        format!("--admin-token-file={token_path}"),
+        format!("--model={}", model_mount.model_path),
+    ];
+    let engine = spec.engine.clone().unwrap_or_default();
+    if let Some(bytes) = engine.kv_cache_bytes {
+        args.push(format!("--kv-cache-bytes={bytes}"));
+    }
+    if let Some(tokens) = engine.max_batch_tokens {
+        args.push(format!("--max-batch-tokens={tokens}"));
+    }
+    if let Some(seqs) = engine.max_seqs {
+        args.push(format!("--max-seqs={seqs}"));
+    }
+
+    let mut volumes = vec![
+        model_mount.volume,
+        Volume {
+            name: "admin-token".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(names::admin_token_secret_name(&name)),
+                default_mode: Some(0o400),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    let mut mounts = vec![
+        model_mount.mount,
+        VolumeMount {
+            name: "admin-token".to_owned(),
+            mount_path: names::ADMIN_TOKEN_MOUNT.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    ];
+    let mut env = vec![EnvVar {
+        name: "SKILLKV_SERVED_NAME".to_owned(),
+        value: Some(spec.served_name.clone().unwrap_or_else(|| name.clone())),
+        ..EnvVar::default()
+    }];
+    if let Some(persistence) = &spec.persistence {
+        volumes.push(host_path_volume(
+            "kv-store",
+            &persistence.host_path,
+            "DirectoryOrCreate",
+        ));
+        mounts.push(VolumeMount {
+            name: "kv-store".to_owned(),
+            mount_path: KV_STORE_MOUNT.to_owned(),
+            ..VolumeMount::default()
+        });
+        env.push(EnvVar {
+            name: "SKILLKV_KV_STORE_DIR".to_owned(),
+            value: Some(KV_STORE_MOUNT.to_owned()),
+            ..EnvVar::default()
+        });
+    }
+
+    let container = Container {
+        name: "daemon".to_owned(),
+        image: Some(image.to_owned()),
+        image_pull_policy: Some(config.pull_policy.to_owned()),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(vec![
+            container_port("http", names::DAEMON_PUBLIC_PORT),
+            container_port("admin", names::DAEMON_ADMIN_PORT),
+        ]),
+        resources: Some(resources(model)),
+        volume_mounts: Some(mounts),
+        startup_probe: Some(http_probe("/healthz", 5, 120)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        ..Container::default()
+    };
+
+    let placement = spec.placement.clone().unwrap_or_default();
+    let pod_spec = PodSpec {
+        containers: vec![container],
+        init_containers: model_mount.init_container.map(|init| vec![init]),
+        volumes: Some(volumes),
+        node_selector: placement.node_selector,
+        tolerations: placement.tolerations,
+        affinity: placement.affinity,
+        readiness_gates: Some(vec![PodReadinessGate {
+            condition_type: names::SKILLS_WARM_CONDITION.to_owned(),
+        }]),
+        image_pull_secrets: (!config.pull_secrets.is_empty()).then(|| {
+            config
+                .pull_secrets
+                .iter()
+                .map(|secret| LocalObjectReference {
+                    name: secret.clone(),
+                })
+                .collect()
+        }),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(45),
+        ..PodSpec::default()
+    };
+
+    Ok(Deployment {
+        metadata: child_metadata(model, names::daemon_pool_name(&name))?,
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas.unwrap_or(1)),
+            selector: LabelSelector {
+                match_labels: Some(names::selector_labels(&name)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(names::child_labels(&name)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod_spec),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// Requests equal limits for cpu and memory (a predictable pod); GPUs are limits only, as the
+/// device plugin requires.
+fn resources(model: &ModelDeployment) -> ResourceRequirements {
+    let wanted = model.spec.resources.clone().unwrap_or_default();
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    if let Some(cpu) = wanted.cpu {
+        requests.insert("cpu".to_owned(), cpu.clone());
+        limits.insert("cpu".to_owned(), cpu);
+    }
+    if let Some(memory) = wanted.memory {
+        requests.insert("memory".to_owned(), memory.clone());
+        limits.insert("memory".to_owned(), memory);
+    }
+    if let Some(gpus) = wanted.gpus.filter(|gpus| *gpus > 0) {
+        limits.insert("nvidia.com/gpu".to_owned(), Quantity(gpus.to_string()));
+    }
+    ResourceRequirements {
+        requests: (!requests.is_empty()).then_some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn container_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: port,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }
+}
+
+fn http_probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    }
+}

@@ -1,0 +1,63 @@
+//! Names shared by every reconciler: the field manager, finalizer, labels, annotations, the
+//! readiness gate, and the names of the children generated for a ModelDeployment.
+
+use std::collections::BTreeMap;
+
+/// The one server-side-apply field manager of every write the controller makes.
+pub const FIELD_MANAGER: &str = "skillkv-operator";
+/// Finalizer on Skills: their KV is unpinned from the daemons before the object goes away.
+pub const SKILL_FINALIZER: &str = "skillkv.io/unpin-skill";
+/// Pod readiness gate (and condition type) set once a pod's pinned skills are warm.
+pub const SKILLS_WARM_CONDITION: &str = "skillkv.io/skills-warm";
+/// Label naming the ModelDeployment a daemon pod (or child object) belongs to.
+pub const MODEL_LABEL: &str = "skillkv.io/model-deployment";
+/// Label `app.kubernetes.io/managed-by`, set on every child.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY: &str = "skillkv-operator";
+/// Label `app.kubernetes.io/component` of daemon pods and their children.
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// Value of [`COMPONENT_LABEL`] for daemon pods.
+pub const DAEMON_COMPONENT: &str = "daemon";
+/// Key of the admin bearer token in the per-ModelDeployment Secret.
+pub const ADMIN_TOKEN_KEY: &str = "token";
+/// Where daemon pods mount the admin-token Secret.
+pub const ADMIN_TOKEN_MOUNT: &str = "/var/run/skillkv/admin";
+/// Public (OpenAI API, health) port of a daemon pod.
+pub const DAEMON_PUBLIC_PORT: i32 = 8080;
+/// Admin port of a daemon pod.
+pub const DAEMON_ADMIN_PORT: i32 = 8081;
+
+/// Labels that select the daemon pods of one ModelDeployment.
+pub fn selector_labels(model_deployment: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MODEL_LABEL.to_owned(), model_deployment.to_owned()),
+        (COMPONENT_LABEL.to_owned(), DAEMON_COMPONENT.to_owned()),
+    ])
+}
+
+/// Labels of every child of one ModelDeployment: the selector plus `managed-by`.
+pub fn child_labels(model_deployment: &str) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(model_deployment);
+    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
+    labels
+}
+
+/// The selector as the `status.selector` string of the `scale` subresource.
+pub fn selector_string(model_deployment: &str) -> String {
+    selector_labels(model_deployment)
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Name of the daemon Deployment and the headless Service of a ModelDeployment.
+pub fn daemon_pool_name(model_deployment: &str) -> String {
+    format!("{model_deployment}-daemon")
+}
+
+/// Name of the Secret holding a ModelDeployment's daemon admin token.
+pub fn admin_token_secret_name(model_deployment: &str) -> String {
+    format!("{model_deployment}-admin-token")
+}

@@ -1,0 +1,151 @@
+//! One task per daemon following its admin API: open `GET /admin/v1/events`, read the
+//! `GET /admin/v1/state` snapshot, then apply events as they come. While the stream is down
+//! the pod is unhealthy; the task reconnects with exponential backoff (reset after a session
+//! that lasted) and rebuilds from a fresh snapshot after `eventsMissed`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use http_body_util::BodyExt;
+use serde::de::DeserializeOwned;
+use skillkv_api::admin::{AdminEvent, DaemonState, EVENTS_PATH, STATE_PATH};
+
+use super::Pod;
+use super::sse::SseParser;
+use crate::client::{Upstream, get_request};
+
+/// First wait before reconnecting.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// A session that lasted this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+
+/// Why following a daemon's admin API stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowDaemonError {
+    /// The URL could not be formed.
+    #[error("invalid admin URL")]
+    Url(#[source] axum::http::Error),
+    /// The connection or request failed.
+    #[error("request to the admin API failed")]
+    Request(#[source] hyper_util::client::legacy::Error),
+    /// The daemon answered with an error status.
+    #[error("the admin API answered {status}")]
+    Status {
+        /// The status.
+        status: StatusCode,
+    },
+    /// Reading the body failed.
+    #[error("reading the admin API's answer failed")]
+    Body(#[source] hyper::Error),
+    /// The snapshot is not a `DaemonState`.
+    #[error("the admin API's answer is not valid JSON of the expected shape")]
+    Decode(#[source] serde_json::Error),
+    /// The event stream ended.
+    #[error("the event stream ended")]
+    Ended,
+}
+
+/// Follows `pod`'s admin API until the task is aborted.
+pub async fn follow(pod: Arc<Pod>, client: Upstream, max_backoff: Duration) {
+    let Some(admin_url) = pod.backend.admin_url.clone() else {
+        return;
+    };
+    let mut backoff = INITIAL_BACKOFF;
+    loop {
+        let started = Instant::now();
+        let error = session(&pod, &client, &admin_url).await;
+        let was_up = pod.state().stream_up;
+        pod.stream_down();
+        if started.elapsed() >= STABLE_SESSION {
+            backoff = INITIAL_BACKOFF;
+        }
+        if was_up {
+            tracing::warn!(pod = %pod.backend.name, error = %error, "admin event stream lost; pod unhealthy");
+        } else {
+            tracing::debug!(pod = %pod.backend.name, error = %error, retry_ms = backoff.as_millis() as u64, "admin API unreachable");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+async fn get_json<T: DeserializeOwned>(
+    client: &Upstream,
+    url: &str,
+    token: Option<&str>,
+) -> Result<T, FollowDaemonError> {
+    let request = get_request(url, token).map_err(FollowDaemonError::Url)?;
+    let response = client
+        .request(request)
+        .await
+        .map_err(FollowDaemonError::Request)?;
+    if response.status() != StatusCode::OK {
+        return Err(FollowDaemonError::Status {
+            status: response.status(),
+        });
+    }
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(FollowDaemonError::Body)?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(FollowDaemonError::Decode)
+}
+
+/// One connection: returns why it ended.
+async fn session(pod: &Pod, client: &Upstream, admin_url: &str) -> FollowDaemonError {
+    match run_session(pod, client, admin_url).await {
+        Ok(()) => FollowDaemonError::Ended,
+        Err(error) => error,
+    }
+}
+
+async fn run_session(
+    pod: &Pod,
+    client: &Upstream,
+    admin_url: &str,
+) -> Result<(), FollowDaemonError> {
+    let token = pod.backend.admin_token.as_deref();
+    let state_url = format!("{admin_url}{STATE_PATH}");
+    // Subscribe first, then read the snapshot: nothing between the two is lost.
+    let request =
+        get_request(&format!("{admin_url}{EVENTS_PATH}"), token).map_err(FollowDaemonError::Url)?;
+    let response = client
+        .request(request)
+        .await
+        .map_err(FollowDaemonError::Request)?;
+    if response.status() != StatusCode::OK {
+        return Err(FollowDaemonError::Status {
+            status: response.status(),
+        });
+    }
+    let snapshot: DaemonState = get_json(client, &state_url, token).await?;
+    tracing::info!(pod = %pod.backend.name, model = %snapshot.model.id, skills = snapshot.skills.len(), "following daemon");
+    pod.apply_snapshot(snapshot);
+    let mut body = response.into_body();
+    let mut parser = SseParser::default();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(FollowDaemonError::Body)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        for record in parser.feed(&data) {
+            let event: AdminEvent = match serde_json::from_str(&record.data) {
+                Ok(event) => event,
+                Err(error) => {
+                    tracing::debug!(pod = %pod.backend.name, event = ?record.event, %error, "ignoring an admin event of unknown shape");
+                    continue;
+                }
+            };
+            let missed = matches!(event, AdminEvent::EventsMissed { .. });
+            pod.apply_event(event);
+            if missed {
+                tracing::warn!(pod = %pod.backend.name, "missed admin events; rebuilding from a snapshot");
+                pod.apply_snapshot(get_json(client, &state_url, token).await?);
+            }
+        }
+    }
+    Ok(())
+}

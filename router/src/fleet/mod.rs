@@ -1,0 +1,333 @@
+//! Fleet state: what the router knows of every daemon — reachable or not, its model and ready
+//! adapters, its skills, a bounded index of its cached prefix blocks, its last reported load,
+//! and the requests this router has in flight on it. [`follow`] keeps it current from each
+//! daemon's admin event stream; routing reads snapshots of it.
+
+pub mod follow;
+pub mod prefix;
+pub mod sse;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use skillkv_api::admin::{
+    AdapterPhase, AdminEvent, DaemonState, KvBudget, LoadFigures, ModelInfo, SkillState,
+};
+use skillkv_api::block_hash::{BlockHash, block_hashes_from};
+use skillkv_api::skills::{DetectorConfig, SkillCard, SkillDetector};
+use skillkv_api::v1alpha1::PlacementState;
+
+use self::prefix::PrefixIndex;
+use crate::config::BackendConfig;
+use crate::routing::Candidate;
+
+/// How long a pod that refused a connection is avoided.
+const CONNECT_FAILURE_COOLDOWN: Duration = Duration::from_secs(2);
+
+/// What the router knows of one daemon.
+#[derive(Debug)]
+pub struct PodState {
+    /// Its admin event stream is connected (always true for a pod without admin API).
+    pub stream_up: bool,
+    /// Avoid it until then: a connection to it failed.
+    pub avoid_until: Option<Instant>,
+    /// Its base model, once known.
+    pub model: Option<ModelInfo>,
+    /// Its KV budget, once known.
+    pub kv_budget: Option<KvBudget>,
+    /// Adapters it serves (Ready).
+    pub adapters: BTreeSet<String>,
+    /// Its skills by name.
+    pub skills: BTreeMap<String, SkillState>,
+    /// Its cached prefix blocks.
+    pub prefix: PrefixIndex,
+    /// Its last reported load.
+    pub load: LoadFigures,
+}
+
+/// One daemon.
+#[derive(Debug)]
+pub struct Pod {
+    /// Index in the fleet.
+    pub index: usize,
+    /// Where it is.
+    pub backend: BackendConfig,
+    state: Mutex<PodState>,
+    in_flight: AtomicUsize,
+    skills_epoch: Arc<AtomicU64>,
+}
+
+/// Decrements the pod's in-flight count when dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Pod>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pod {
+    /// Locks the state.
+    pub fn state(&self) -> MutexGuard<'_, PodState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Requests in flight from this router.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request in flight until the guard drops.
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Whether routing should prefer it.
+    pub fn is_healthy(&self, now: Instant) -> bool {
+        let state = self.state();
+        state.stream_up && state.avoid_until.is_none_or(|until| now >= until)
+    }
+
+    /// A connection to it failed: avoid it for a moment.
+    pub fn connect_failed(&self, now: Instant) {
+        self.state().avoid_until = Some(now + CONNECT_FAILURE_COOLDOWN);
+    }
+
+    /// Whether it serves `model` (as base model or adapter). A pod whose model is unknown
+    /// (no admin API, or not yet connected) serves nothing known.
+    pub fn serves(&self, model: &str) -> bool {
+        let state = self.state();
+        state.model.as_ref().is_some_and(|m| m.id == model) || state.adapters.contains(model)
+    }
+
+    fn skills_changed(&self) {
+        self.skills_epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Replaces everything with a fresh snapshot; the stream counts as up.
+    pub fn apply_snapshot(&self, snapshot: DaemonState) {
+        let mut state = self.state();
+        state.stream_up = true;
+        state.avoid_until = None;
+        state.model = Some(snapshot.model);
+        state.kv_budget = Some(snapshot.kv_budget);
+        state.load = snapshot.load;
+        state.adapters = snapshot
+            .adapters
+            .into_iter()
+            .filter(|a| a.state == AdapterPhase::Ready)
+            .map(|a| a.name)
+            .collect();
+        state.skills = snapshot
+            .skills
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        state.prefix.clear();
+        drop(state);
+        self.skills_changed();
+    }
+
+    /// Applies one event. `EventsMissed` clears the prefix index; the caller re-reads the
+    /// snapshot.
+    pub fn apply_event(&self, event: AdminEvent) {
+        let mut state = self.state();
+        match event {
+            AdminEvent::BlockStored { hash, .. } => state.prefix.insert(hash),
+            AdminEvent::BlockEvicted { hash } => state.prefix.remove(&hash),
+            AdminEvent::Load(load) => state.load = load,
+            AdminEvent::SkillState(skill) => {
+                state.skills.insert(skill.name.clone(), skill);
+                drop(state);
+                self.skills_changed();
+            }
+            AdminEvent::SkillRemoved { name } => {
+                state.skills.remove(&name);
+                drop(state);
+                self.skills_changed();
+            }
+            AdminEvent::AdapterState(adapter) => {
+                if adapter.state == AdapterPhase::Ready {
+                    state.adapters.insert(adapter.name);
+                } else {
+                    state.adapters.remove(&adapter.name);
+                }
+            }
+            AdminEvent::EventsMissed { .. } => state.prefix.clear(),
+        }
+    }
+
+    /// Its event stream dropped.
+    pub fn stream_down(&self) {
+        self.state().stream_up = false;
+    }
+}
+
+/// A request's prompt as token ids, when the client sent token ids (`/v1/completions` with an
+/// integer-array `prompt`); the only case the router can hash prefix blocks without a tokenizer.
+pub type PromptTokens<'a> = Option<&'a [u32]>;
+
+/// Every daemon.
+#[derive(Debug)]
+pub struct Fleet {
+    pods: Vec<Arc<Pod>>,
+    skills_epoch: Arc<AtomicU64>,
+    detector_config: DetectorConfig,
+    detector: Mutex<Option<(u64, Arc<SkillDetector>)>>,
+}
+
+impl Fleet {
+    /// A fleet of `backends`; pods without an admin API count as connected from the start.
+    pub fn new(
+        backends: Vec<BackendConfig>,
+        prefix_index_blocks: usize,
+        detector_config: DetectorConfig,
+    ) -> Self {
+        let skills_epoch = Arc::new(AtomicU64::new(0));
+        let pods = backends
+            .into_iter()
+            .enumerate()
+            .map(|(index, backend)| {
+                Arc::new(Pod {
+                    index,
+                    state: Mutex::new(PodState {
+                        stream_up: backend.admin_url.is_none(),
+                        avoid_until: None,
+                        model: None,
+                        kv_budget: None,
+                        adapters: BTreeSet::new(),
+                        skills: BTreeMap::new(),
+                        prefix: PrefixIndex::new(prefix_index_blocks),
+                        load: LoadFigures::default(),
+                    }),
+                    backend,
+                    in_flight: AtomicUsize::new(0),
+                    skills_epoch: skills_epoch.clone(),
+                })
+            })
+            .collect();
+        Self {
+            pods,
+            skills_epoch,
+            detector_config,
+            detector: Mutex::new(None),
+        }
+    }
+
+    /// Every pod.
+    pub fn pods(&self) -> &[Arc<Pod>] {
+        &self.pods
+    }
+
+    /// The pods of the pool serving `model`: those that serve it, or, when none is known to,
+    /// the pods whose model is unknown (they may).
+    pub fn pool(&self, model: &str) -> Vec<Arc<Pod>> {
+        let serving: Vec<Arc<Pod>> = self
+            .pods
+            .iter()
+            .filter(|p| p.serves(model))
+            .cloned()
+            .collect();
+        if !serving.is_empty() {
+            return serving;
+        }
+        self.pods
+            .iter()
+            .filter(|p| p.state().model.is_none())
+            .cloned()
+            .collect()
+    }
+
+    /// The skill detector over every skill the fleet knows, rebuilt when skills change.
+    pub fn detector(&self) -> Arc<SkillDetector> {
+        let epoch = self.skills_epoch.load(Ordering::Relaxed);
+        let mut cached = self
+            .detector
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((built, detector)) = cached.as_ref()
+            && *built == epoch
+        {
+            return detector.clone();
+        }
+        let mut cards: BTreeMap<String, SkillCard> = BTreeMap::new();
+        for pod in &self.pods {
+            for skill in pod.state().skills.values() {
+                cards
+                    .entry(skill.name.clone())
+                    .or_insert_with(|| SkillCard {
+                        name: skill.name.clone(),
+                        description: skill.description.clone(),
+                        keywords: skill.keywords.clone(),
+                    });
+            }
+        }
+        let detector = Arc::new(SkillDetector::new(
+            cards.into_values(),
+            self.detector_config.clone(),
+        ));
+        *cached = Some((epoch, detector.clone()));
+        detector
+    }
+
+    /// Routing's view of `pool` for a request needing `skills`, whose prompt is `tokens`.
+    pub fn candidates(
+        &self,
+        pool: &[Arc<Pod>],
+        skills: &[String],
+        tokens: PromptTokens<'_>,
+        now: Instant,
+    ) -> Vec<Candidate> {
+        let mut chains: Vec<(BlockHash, Vec<BlockHash>)> = Vec::new();
+        pool.iter()
+            .map(|pod| {
+                let healthy = pod.is_healthy(now);
+                let state = pod.state();
+                let skills_ready = skills
+                    .iter()
+                    .filter(|name| state.skills.get(*name).is_some_and(skill_is_warm))
+                    .count();
+                let prefix_blocks = match (tokens, state.model.as_ref()) {
+                    (Some(tokens), Some(model)) if !state.prefix.is_empty() => {
+                        let root = model.namespace_root;
+                        let position = chains.iter().position(|(r, _)| *r == root);
+                        let hashes = match position {
+                            Some(i) => &chains[i].1,
+                            None => {
+                                chains.push((root, block_hashes_from(root, tokens)));
+                                &chains[chains.len() - 1].1
+                            }
+                        };
+                        state.prefix.matched_prefix(hashes)
+                    }
+                    _ => 0,
+                };
+                Candidate {
+                    pod: pod.index,
+                    name: pod.backend.name.clone(),
+                    healthy,
+                    in_flight: pod.in_flight(),
+                    waiting: state.load.waiting,
+                    free_blocks: state.load.free_blocks,
+                    skills_ready,
+                    prefix_blocks,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Whether a skill's KV serves requests on the pod now: Ready, or during a hot update still
+/// serving the previous version while the new one prefills.
+fn skill_is_warm(skill: &SkillState) -> bool {
+    skill.state == PlacementState::Ready || skill.serving_content_hash.is_some()
+}
+
+#[cfg(test)]
+mod tests;

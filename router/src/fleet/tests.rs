@@ -1,0 +1,179 @@
+//! Unit tests of the fleet state: snapshots, events, pools, candidates and detection.
+
+use super::*;
+use skillkv_api::admin::{AdapterState, SkillOrigin};
+use skillkv_api::block_hash::HashNamespace;
+use skillkv_api::v1alpha1::Assembly;
+
+fn namespace() -> HashNamespace {
+    HashNamespace {
+        model_digest: "m".into(),
+        tokenizer_digest: "t".into(),
+        adapter_id: None,
+        kv_dtype: "f32".into(),
+        kv_format_version: 1,
+    }
+}
+
+fn skill(name: &str, state: PlacementState, description: &str) -> SkillState {
+    SkillState {
+        name: name.to_string(),
+        version: None,
+        description: description.to_string(),
+        keywords: Vec::new(),
+        content_hash: "h".to_string(),
+        serving_content_hash: None,
+        origin: SkillOrigin::Directory,
+        assembly: Assembly::default(),
+        state,
+        message: None,
+        tokens: 100,
+        kv_bytes: 1000,
+        prefill_millis: None,
+        hits: 0,
+        cached_tokens: 0,
+        prefill_seconds_saved: 0.0,
+    }
+}
+
+fn snapshot(model: &str, skills: Vec<SkillState>) -> DaemonState {
+    DaemonState {
+        daemon_version: "0".to_string(),
+        model: ModelInfo {
+            id: model.to_string(),
+            model_digest: "m".to_string(),
+            tokenizer_digest: "t".to_string(),
+            chat_template_digest: "c".to_string(),
+            context_length: 1024,
+            namespace_root: namespace().root(),
+        },
+        kv_budget: KvBudget {
+            block_tokens: 16,
+            total_blocks: 64,
+            pinned_budget_blocks: 32,
+            kv_bytes_per_token: 10,
+        },
+        load: LoadFigures::default(),
+        desired_generation: None,
+        skills,
+        adapters: vec![AdapterState {
+            name: format!("{model}-lora"),
+            state: AdapterPhase::Ready,
+            message: None,
+        }],
+    }
+}
+
+fn fleet(n: usize) -> Fleet {
+    let backends = (0..n)
+        .map(|i| BackendConfig {
+            admin_url: Some(format!("http://127.0.0.1:{}", 9000 + i)),
+            ..BackendConfig::without_admin(&format!("http://127.0.0.1:{}", 8000 + i))
+        })
+        .collect();
+    Fleet::new(backends, 128, DetectorConfig::default())
+}
+
+#[test]
+fn pods_are_unhealthy_until_their_stream_is_up_and_again_when_it_drops() {
+    let fleet = fleet(1);
+    let pod = &fleet.pods()[0];
+    let now = Instant::now();
+    assert!(!pod.is_healthy(now));
+    pod.apply_snapshot(snapshot("m", Vec::new()));
+    assert!(pod.is_healthy(now));
+    pod.connect_failed(now);
+    assert!(!pod.is_healthy(now));
+    assert!(pod.is_healthy(now + CONNECT_FAILURE_COOLDOWN));
+    pod.stream_down();
+    assert!(!pod.is_healthy(now + CONNECT_FAILURE_COOLDOWN));
+}
+
+#[test]
+fn pools_gather_the_pods_of_a_model_or_adapter() {
+    let fleet = fleet(3);
+    fleet.pods()[0].apply_snapshot(snapshot("a", Vec::new()));
+    fleet.pods()[1].apply_snapshot(snapshot("b", Vec::new()));
+    let indices = |pool: Vec<Arc<Pod>>| pool.iter().map(|p| p.index).collect::<Vec<_>>();
+    assert_eq!(indices(fleet.pool("a")), vec![0]);
+    assert_eq!(indices(fleet.pool("b-lora")), vec![1]);
+    // Nobody is known to serve `c`: the pod whose model is unknown may.
+    assert_eq!(indices(fleet.pool("c")), vec![2]);
+}
+
+#[test]
+fn candidates_count_ready_skills_and_the_cached_prefix() {
+    let fleet = fleet(2);
+    let (a, b) = (&fleet.pods()[0], &fleet.pods()[1]);
+    a.apply_snapshot(snapshot("m", vec![skill("sql", PlacementState::Ready, "")]));
+    b.apply_snapshot(snapshot(
+        "m",
+        vec![skill("sql", PlacementState::Prefilling, "")],
+    ));
+    let tokens: Vec<u32> = (0..40).collect();
+    let hashes = namespace().block_hashes(&tokens);
+    for hash in &hashes {
+        b.apply_event(AdminEvent::BlockStored {
+            hash: *hash,
+            parent: None,
+        });
+    }
+    a.apply_event(AdminEvent::BlockStored {
+        hash: hashes[1],
+        parent: Some(hashes[0]),
+    });
+    let _guard = a.start_request();
+    let pool = fleet.pool("m");
+    let candidates = fleet.candidates(&pool, &["sql".to_string()], Some(&tokens), Instant::now());
+    assert_eq!(candidates[0].skills_ready, 1);
+    assert_eq!(candidates[1].skills_ready, 0);
+    // Only a leading run counts: pod a holds block 1 but not block 0.
+    assert_eq!(candidates[0].prefix_blocks, 0);
+    assert_eq!(candidates[1].prefix_blocks, 2);
+    assert_eq!(candidates[0].in_flight, 1);
+    b.apply_event(AdminEvent::BlockEvicted { hash: hashes[0] });
+    let candidates = fleet.candidates(&pool, &[], Some(&tokens), Instant::now());
+    assert_eq!(candidates[1].prefix_blocks, 0);
+    b.apply_event(AdminEvent::SkillState(skill(
+        "sql",
+        PlacementState::Ready,
+        "",
+    )));
+    b.apply_event(AdminEvent::EventsMissed { count: 3 });
+    let candidates = fleet.candidates(&pool, &["sql".to_string()], Some(&tokens), Instant::now());
+    assert_eq!(candidates[1].skills_ready, 1);
+    assert!(b.state().prefix.is_empty());
+}
+
+#[test]
+fn the_detector_follows_skill_changes() {
+    let fleet = fleet(1);
+    let pod = &fleet.pods()[0];
+    assert!(fleet.detector().detect("postgres sql query").is_empty());
+    pod.apply_event(AdminEvent::SkillState(skill(
+        "cooking",
+        PlacementState::Ready,
+        "Recipes for pasta and bread.",
+    )));
+    pod.apply_event(AdminEvent::SkillState(skill(
+        "sql",
+        PlacementState::Ready,
+        "Writing SQL queries for Postgres databases.",
+    )));
+    let found: Vec<String> = fleet
+        .detector()
+        .detect("write a postgres sql query")
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(found, ["sql"]);
+    pod.apply_event(AdminEvent::SkillRemoved {
+        name: "sql".to_string(),
+    });
+    assert!(
+        fleet
+            .detector()
+            .detect("write a postgres sql query")
+            .is_empty()
+    );
+}
