@@ -13,7 +13,7 @@ export SKILLKV_MODEL ?= $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 # nextest when installed (it is on the project's machines), cargo test otherwise.
 RUST_TEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nextest run --no-fail-fast" || echo "test --no-fail-fast")
 
-.PHONY: help test fmt-check clippy rust-test crds crds-check chart-test venv model run api-test e2e-cluster
+.PHONY: help test fmt-check clippy rust-test crds crds-check chart-test venv model run api-test e2e-cluster images image-test
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -27,8 +27,9 @@ fmt-check: ## rustfmt, checking only
 clippy: ## clippy on every target and feature, warnings are errors
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
-rust-test: model ## unit, integration and e2e tests of every crate
-	$(CARGO) $(RUST_TEST) --workspace --all-features
+rust-test: model venv ## unit, integration and e2e tests of every crate (NVRTC kernel check with .venv's libnvrtc)
+	LD_LIBRARY_PATH="$$($(VPY) -c 'import os, nvidia.cuda_nvrtc as m; print(os.path.join(list(m.__path__)[0], "lib"))')$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" \
+	SKILLKV_REQUIRE_NVRTC=1 $(CARGO) $(RUST_TEST) --workspace --all-features
 
 crds: ## regenerate the CRD manifests from the Rust types
 	$(CARGO) run --quiet -p skillkv-api --bin crdgen -- .
@@ -67,3 +68,13 @@ run: ## release build, fetch the model if missing, serve it on localhost:$(RUN_P
 	@echo "    print(c.chat.completions.create(model='$(RUN_MODEL_ID)', messages=[{'role': 'user', 'content': 'Hello!'}]).choices[0].message.content)\""
 	@echo "  with a skill: add  \"skills\": [\"debugging\"]  to the JSON body (or extra_body={'skills': ['debugging']})."
 	$(CARGO) run --quiet --release -p skillkv-daemon --bin skillkv -- serve --model "$(SKILLKV_MODEL)" --host 127.0.0.1 --port $(RUN_PORT) --skills skills --kv-store $(HOME)/.cache/skillkv/kv-store
+
+# Container images (docs/images.md): buildah, daemonless, no registry pulls. Not part of `make
+# test` (minutes, and needs root, buildah and busybox-static).
+IMAGE_REGISTRY ?= ghcr.io/skillkv
+images: ## build the daemon and operator images with buildah, tagged <version> and <version>-<git rev>
+	$(CARGO) build --release -p skillkv-daemon -p skillkv-operator --bins
+	IMAGE_REGISTRY=$(IMAGE_REGISTRY) scripts/images.sh build
+
+image-test: images ## smoke-test the images in a chroot: --version, --help, one chat request; sizes
+	IMAGE_REGISTRY=$(IMAGE_REGISTRY) scripts/images-test.sh

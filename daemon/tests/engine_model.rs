@@ -1,6 +1,7 @@
 //! The engine with real forward passes: a tiny synthetic GGUF for the mechanics (batching,
 //! chunking, reuse, preemption) and the real default model for behaviour (64 greedy tokens
-//! identical with the prefix cached or recomputed, batched or alone; stop strings).
+//! identical, and every step's top log-probabilities within 1e-4, with the prefix cached or
+//! recomputed; batched or alone; stop strings).
 
 mod engine_support;
 mod model_support;
@@ -8,7 +9,7 @@ mod model_support;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use engine_support::{collect, greedy, prompt};
+use engine_support::{Collected, collect, greedy, greedy_with_logprobs, prompt};
 use skillkv_api::block_hash::BLOCK_TOKENS;
 use skillkv_daemon::engine::handle::{
     Engine, EngineConfig, EngineHandle, FinishReason, KvCacheSize,
@@ -95,6 +96,35 @@ fn reuse_cases(base: &[u32], tail_a: &[u32], tail_b: &[u32]) -> Vec<(&'static st
     ]
 }
 
+/// Log-probabilities of the top alternatives reported with every token.
+const TOP_LOGPROBS: usize = 5;
+/// Largest difference allowed between cached and recomputed log-probabilities (f32 KV).
+const LOGIT_TOLERANCE: f32 = 1e-4;
+
+/// Same tokens, and at every step the same top alternatives with log-probabilities (logits up
+/// to the normaliser) within [`LOGIT_TOLERANCE`].
+fn assert_same_distributions(name: &str, warm: &Collected, cold: &Collected) {
+    assert_eq!(
+        warm.tokens, cold.tokens,
+        "{name}: greedy tokens differ with the prefix cached"
+    );
+    assert_eq!(warm.top_logprobs.len(), cold.top_logprobs.len(), "{name}");
+    for (step, (warm_top, cold_top)) in warm.top_logprobs.iter().zip(&cold.top_logprobs).enumerate()
+    {
+        assert_eq!(warm_top.len(), TOP_LOGPROBS, "{name}: step {step}");
+        for ((warm_id, warm_lp), (cold_id, cold_lp)) in warm_top.iter().zip(cold_top) {
+            assert_eq!(
+                warm_id, cold_id,
+                "{name}: step {step}: {warm_top:?} vs {cold_top:?}"
+            );
+            assert!(
+                (warm_lp - cold_lp).abs() <= LOGIT_TOLERANCE,
+                "{name}: step {step}: logprob {warm_lp} cached vs {cold_lp} recomputed"
+            );
+        }
+    }
+}
+
 async fn assert_reuse_equals_recompute(
     loaded: &Loaded,
     base: Vec<u32>,
@@ -102,7 +132,20 @@ async fn assert_reuse_equals_recompute(
     tail_b: Vec<u32>,
 ) {
     for (name, second) in reuse_cases(&base, &tail_a, &tail_b) {
-        let cold = loaded.alone(&second, 64).await;
+        let fresh = loaded.engine(EngineConfig::default());
+        let cold = collect(
+            fresh
+                .submit(greedy_with_logprobs(
+                    "cold",
+                    second.clone(),
+                    64,
+                    TOP_LOGPROBS,
+                ))
+                .expect("submit"),
+        )
+        .await;
+        fresh.shutdown().await;
+        assert_eq!(cold.cached_tokens, Some(0), "{name}: {cold:?}");
         let engine = loaded.engine(EngineConfig::default());
         collect(
             engine
@@ -112,7 +155,12 @@ async fn assert_reuse_equals_recompute(
         .await;
         let warm = collect(
             engine
-                .submit(greedy("warm", second.clone(), 64))
+                .submit(greedy_with_logprobs(
+                    "warm",
+                    second.clone(),
+                    64,
+                    TOP_LOGPROBS,
+                ))
                 .expect("submit"),
         )
         .await;
@@ -121,10 +169,8 @@ async fn assert_reuse_equals_recompute(
                 .is_some_and(|cached| cached >= BLOCK_TOKENS),
             "{name}: {warm:?}"
         );
-        assert_eq!(
-            warm.tokens, cold,
-            "{name}: 64 greedy tokens differ with the prefix cached"
-        );
+        assert_eq!(warm.tokens.len(), 64, "{name}");
+        assert_same_distributions(name, &warm, &cold);
         engine.shutdown().await;
     }
 }

@@ -1,1 +1,18 @@
-//! CUDA kernels and their CPU reference implementations.
+//! skillkv's CUDA kernels and their CPU reference implementations.
+//!
+//! - [`registry`]: the CUDA C sources (embedded, compiled at run time with NVRTC for the
+//!   device's compute capability) and their entry points;
+//! - [`reference`](mod@reference): a Rust implementation of every kernel that defines its semantics;
+//! - with the `cuda` feature, [`nvrtc`] compiles the registry (and caches the PTX),
+//!   [`loader`] loads it into a CUDA context and [`probe`] finds out, without panicking, whether NVRTC, the driver, cuBLAS and a device
+//!   are there. cudarc loads every CUDA library dynamically, so the crate builds on machines
+//!   without a CUDA toolkit.
+
+#[cfg(feature = "cuda")]
+pub mod loader;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
+#[cfg(feature = "cuda")]
+pub mod probe;
+pub mod reference;
+pub mod registry;

@@ -245,3 +245,54 @@ async fn run_controllers(client: Client, ctx: Arc<Context>) {
 
     futures::join!(models, skills, policies);
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    use hyper_util::client::legacy::Client as HttpClient;
+    use hyper_util::rt::TokioExecutor;
+
+    use super::*;
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        let client = HttpClient::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let uri: http::Uri = format!("http://{addr}{path}").parse().expect("uri");
+        let response = client.get(uri).await.expect("the endpoint answers");
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn health_and_metrics_endpoints_answer() {
+        let metrics = Arc::new(Metrics::new().expect("metrics register"));
+        drop(metrics.start_reconcile("modeldeployment"));
+        metrics.reconcile_failed("modeldeployment", "ApplyConflict");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server =
+            tokio::spawn(async move { axum::serve(listener, health_router(metrics)).await });
+
+        assert_eq!(get(addr, "/healthz").await, (200, "ok".to_owned()));
+        assert_eq!(get(addr, "/readyz").await, (200, "ok".to_owned()));
+        let (status, text) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        for expected in [
+            "skillkv_operator_reconciles_total{controller=\"modeldeployment\"} 1",
+            "skillkv_operator_reconcile_errors_total{controller=\"modeldeployment\",reason=\"ApplyConflict\"} 1",
+            "skillkv_operator_reconcile_duration_seconds_count{controller=\"modeldeployment\"} 1",
+        ] {
+            assert!(text.contains(expected), "{expected} missing from:\n{text}");
+        }
+        assert_eq!(get(addr, "/nope").await.0, 404);
+        server.abort();
+    }
+}

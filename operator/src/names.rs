@@ -27,6 +27,9 @@ pub const ADMIN_TOKEN_MOUNT: &str = "/var/run/skillkv/admin";
 pub const DAEMON_PUBLIC_PORT: i32 = 8080;
 /// Admin port of a daemon pod.
 pub const DAEMON_ADMIN_PORT: i32 = 8081;
+/// User and group the daemon container runs as (the daemon image's `USER`); the node-local KV
+/// store is handed to them.
+pub const DAEMON_UID: i64 = 65532;
 
 /// Labels that select the daemon pods of one ModelDeployment.
 pub fn selector_labels(model_deployment: &str) -> BTreeMap<String, String> {

@@ -31,6 +31,11 @@ pub struct ControllerSettings {
     )]
     pub model_cache_dir: String,
 
+    /// Image of the init step that downloads `hf://` models (needs `sh`, `curl` and
+    /// `sha256sum`). Default: the daemon image.
+    #[arg(long, env = "SKILLKV_MODEL_FETCH_IMAGE")]
+    pub model_fetch_image: Option<String>,
+
     /// Name of the leader-election Lease (in `--namespace`).
     #[arg(long, env = "SKILLKV_LEASE_NAME", default_value = "skillkv-controller")]
     pub lease_name: String,
@@ -116,6 +121,7 @@ impl Default for ControllerSettings {
             daemon_image_pull_policy: "IfNotPresent".to_owned(),
             daemon_image_pull_secrets: NameList::default(),
             model_cache_dir: "/var/cache/skillkv/models".to_owned(),
+            model_fetch_image: None,
             lease_name: "skillkv-controller".to_owned(),
             namespace: "default".to_owned(),
             identity: "skillkv-controller-local".to_owned(),

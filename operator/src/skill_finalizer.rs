@@ -146,3 +146,6 @@ async fn unpin(
     tracing::info!(skill = %skill.name_any(), %namespace, "unpinned deleted skill");
     Ok(Action::await_change())
 }
+
+#[cfg(test)]
+mod tests;

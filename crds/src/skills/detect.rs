@@ -1,17 +1,28 @@
 //! Skill detection: which skills a request is about when it names none.
 //!
-//! A BM25 ranking over each skill's name, keywords and description (weighted 3 : 2 : 1, as
-//! BM25F does with field weights), plus a bonus for every multi-word keyword that appears in
-//! the query as a phrase. A skill is chosen when its score reaches `threshold` and is within
-//! `relative_cutoff` of the best score; at most `max_skills` are chosen, best first. Text is
-//! folded to lowercase words with light suffix stripping, so "caches" matches "cache".
+//! Each skill is scored with BM25 over its name, keywords and description (weighted
+//! 3 : 2 : 1, as BM25F does with field weights), plus a bonus for every multi-word keyword
+//! that appears in the query as a phrase. Text is normalised by `super::text`: lowercase
+//! words, stop words dropped, common abbreviations spelled out, inflections folded ("caching"
+//! matches "cache").
+//!
+//! Selection is greedy. The best skill is chosen if its score reaches `threshold`; it then
+//! *claims* the query words it matches. Each further skill (at most `max_skills` in all) is
+//! scored only on the words it matches more strongly than every skill already chosen, and is
+//! chosen if that reaches `further_threshold`. So a second skill is chosen for a distinct part
+//! of the request ("write pytest tests for the status codes of our REST API"), not for sharing
+//! a word with the first ("the p99 latency of our API").
 //!
 //! The same detector runs in the daemon and in the router, so both agree on which skills a
-//! request needs.
+//! request needs. Its accuracy on a labelled query set is measured by
+//! `crds/tests/detection_accuracy.rs` (see `docs/skills.md`), its speed by
+//! `crds/examples/detect_bench.rs`.
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
+
+use super::text::terms;
 
 /// What detection knows of a skill.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,10 +38,11 @@ pub struct SkillCard {
 /// Detection thresholds and BM25 parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DetectorConfig {
-    /// Lowest score that selects a skill.
+    /// Lowest score that selects the best skill.
     pub threshold: f32,
-    /// A skill is selected only if its score is at least this fraction of the best one.
-    pub relative_cutoff: f32,
+    /// Lowest score that selects each further skill, counting only the query words it
+    /// matches more strongly than every skill already selected.
+    pub further_threshold: f32,
     /// Most skills selected for one request.
     pub max_skills: usize,
     /// BM25 term-frequency saturation.
@@ -44,12 +56,12 @@ pub struct DetectorConfig {
 impl Default for DetectorConfig {
     fn default() -> Self {
         Self {
-            threshold: 1.6,
-            relative_cutoff: 0.6,
+            threshold: 1.15,
+            further_threshold: 2.3,
             max_skills: 3,
             k1: 1.2,
             b: 0.5,
-            phrase_bonus: 1.5,
+            phrase_bonus: 0.6,
         }
     }
 }
@@ -59,7 +71,7 @@ impl Default for DetectorConfig {
 pub struct Detection {
     /// The skill's name.
     pub name: String,
-    /// Its score (higher is more relevant).
+    /// Its score over the whole query (higher is more relevant).
     pub score: f32,
 }
 
@@ -70,22 +82,31 @@ const DESCRIPTION_WEIGHT: f32 = 1.0;
 #[derive(Debug, Clone)]
 struct IndexedSkill {
     name: String,
-    /// Weighted term frequencies, by term id.
-    terms: HashMap<u32, f32>,
-    length: f32,
+    /// BM25 length normalisation `k1 * (1 - b + b * length / average_length)`.
+    norm: f32,
     /// Multi-word keywords as term-id sequences.
     phrases: Vec<Vec<u32>>,
 }
 
-/// A detector over a fixed set of skills. Build it once per change of the skill set; detection
-/// itself allocates only the query's terms.
+/// A detector over a fixed set of skills. Build it once per change of the skill set;
+/// detection reads it only, so one detector serves concurrent requests.
 #[derive(Debug, Clone)]
 pub struct SkillDetector {
     config: DetectorConfig,
     vocabulary: HashMap<String, u32>,
     idf: Vec<f32>,
+    /// Per term: the skills containing it and its weighted frequency there.
+    postings: Vec<Vec<(u32, f32)>>,
     skills: Vec<IndexedSkill>,
-    average_length: f32,
+}
+
+/// One query term's contribution to one skill's score.
+#[derive(Debug, Clone, Copy)]
+struct Contribution {
+    skill: u32,
+    /// Index of the term among the query's distinct known terms.
+    term: usize,
+    score: f32,
 }
 
 impl SkillDetector {
@@ -96,146 +117,194 @@ impl SkillDetector {
             let next = vocabulary.len() as u32;
             *vocabulary.entry(word).or_insert(next)
         };
+        let mut frequencies: Vec<HashMap<u32, f32>> = Vec::new();
+        let mut lengths = Vec::new();
         let mut indexed = Vec::new();
         for card in skills {
-            let mut terms: HashMap<u32, f32> = HashMap::new();
+            let mut tf: HashMap<u32, f32> = HashMap::new();
             let mut length = 0.0;
-            let mut add = |text: &str, weight: f32, terms: &mut HashMap<u32, f32>| {
-                for word in words(text) {
-                    *terms.entry(intern(word)).or_default() += weight;
+            let fields = [
+                (card.name.as_str(), NAME_WEIGHT),
+                (card.description.as_str(), DESCRIPTION_WEIGHT),
+            ]
+            .into_iter()
+            .chain(card.keywords.iter().map(|k| (k.as_str(), KEYWORD_WEIGHT)));
+            for (text, weight) in fields {
+                for term in terms(text) {
+                    *tf.entry(intern(term)).or_default() += weight;
                     length += weight;
                 }
-            };
-            add(&card.name.replace('-', " "), NAME_WEIGHT, &mut terms);
-            add(&card.description, DESCRIPTION_WEIGHT, &mut terms);
-            for keyword in &card.keywords {
-                add(keyword, KEYWORD_WEIGHT, &mut terms);
             }
             let phrases = card
                 .keywords
                 .iter()
-                .map(|k| words(k).map(&mut intern).collect::<Vec<_>>())
+                .map(|k| terms(k).map(&mut intern).collect::<Vec<_>>())
                 .filter(|p| p.len() > 1)
                 .collect();
+            frequencies.push(tf);
+            lengths.push(length);
             indexed.push(IndexedSkill {
                 name: card.name,
-                terms,
-                length,
+                norm: 0.0,
                 phrases,
             });
         }
         let n = indexed.len() as f32;
-        let mut document_frequency = vec![0.0f32; vocabulary.len()];
-        for skill in &indexed {
-            for term in skill.terms.keys() {
-                document_frequency[*term as usize] += 1.0;
-            }
-        }
-        let idf = document_frequency
-            .iter()
-            .map(|df| (1.0 + (n - df + 0.5) / (df + 0.5)).ln())
-            .collect();
         let average_length = if indexed.is_empty() {
             1.0
         } else {
-            indexed.iter().map(|s| s.length).sum::<f32>() / n
+            (lengths.iter().sum::<f32>() / n).max(f32::MIN_POSITIVE)
         };
+        let mut postings: Vec<Vec<(u32, f32)>> = vec![Vec::new(); vocabulary.len()];
+        for (skill, tf) in frequencies.into_iter().enumerate() {
+            for (term, frequency) in tf {
+                postings[term as usize].push((skill as u32, frequency));
+            }
+        }
+        // BM25's idf, divided by that of a term only one skill has: 1 for such a term whatever
+        // the number of skills, so thresholds mean the same for 2 skills as for 200.
+        let raw_idf = |df: f32| (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
+        let unique = raw_idf(1.0);
+        let idf = postings
+            .iter()
+            .map(|p| raw_idf(p.len() as f32) / unique)
+            .collect();
+        for (skill, length) in indexed.iter_mut().zip(lengths) {
+            skill.norm = config.k1 * (1.0 - config.b + config.b * length / average_length);
+        }
         Self {
             config,
             vocabulary,
             idf,
+            postings,
             skills: indexed,
-            average_length,
         }
     }
 
     /// The skills `query` is about, best first (possibly none).
     pub fn detect(&self, query: &str) -> Vec<Detection> {
-        let mut scored = self.scores(query);
-        scored.sort_by(|a, b| {
-            b.score
-                .total_cmp(&a.score)
-                .then_with(|| a.name.cmp(&b.name))
-        });
-        let best = scored.first().map_or(0.0, |d| d.score);
-        scored.retain(|d| {
-            d.score >= self.config.threshold && d.score >= best * self.config.relative_cutoff
-        });
-        scored.truncate(self.config.max_skills);
-        scored
-    }
-
-    /// Every skill's score for `query`, in index order.
-    pub fn scores(&self, query: &str) -> Vec<Detection> {
-        let mut query_terms: Vec<Option<u32>> = words(query)
-            .map(|w| self.vocabulary.get(&w).copied())
-            .collect();
-        let sequence = query_terms.clone();
-        query_terms.sort_unstable();
-        query_terms.dedup();
-        let DetectorConfig {
-            k1,
-            b,
-            phrase_bonus,
-            ..
-        } = self.config;
-        self.skills
-            .iter()
-            .map(|skill| {
-                let norm = k1 * (1.0 - b + b * skill.length / self.average_length);
-                let mut score: f32 = query_terms
-                    .iter()
-                    .flatten()
-                    .filter_map(|t| skill.terms.get(t).map(|tf| (t, tf)))
-                    .map(|(t, tf)| self.idf[*t as usize] * tf * (k1 + 1.0) / (tf + norm))
-                    .sum();
-                let phrases = skill
-                    .phrases
-                    .iter()
-                    .filter(|p| {
-                        sequence
-                            .windows(p.len())
-                            .any(|w| w.iter().zip(p.iter()).all(|(q, t)| *q == Some(*t)))
-                    })
-                    .count();
-                score += phrase_bonus * phrases as f32;
-                Detection {
-                    name: skill.name.clone(),
-                    score,
-                }
+        let query = self.query(query);
+        let full = self.totals(&query, &[]);
+        let mut claims = vec![0.0f32; query.distinct.len()];
+        let mut chosen: Vec<usize> = Vec::new();
+        while chosen.len() < self.config.max_skills {
+            let (scores, threshold) = if chosen.is_empty() {
+                (full.clone(), self.config.threshold)
+            } else {
+                (self.totals(&query, &claims), self.config.further_threshold)
+            };
+            let best = scores
+                .iter()
+                .enumerate()
+                .filter(|(skill, score)| !chosen.contains(skill) && **score >= threshold)
+                .max_by(|(a, x), (b, y)| {
+                    x.total_cmp(y)
+                        .then_with(|| self.skills[*b].name.cmp(&self.skills[*a].name))
+                });
+            let Some((skill, _)) = best else { break };
+            chosen.push(skill);
+            for c in query
+                .contributions
+                .iter()
+                .filter(|c| c.skill as usize == skill)
+            {
+                claims[c.term] = claims[c.term].max(c.score);
+            }
+        }
+        chosen
+            .into_iter()
+            .map(|skill| Detection {
+                name: self.skills[skill].name.clone(),
+                score: full[skill],
             })
             .collect()
     }
-}
 
-/// English words that carry no topic.
-const STOP_WORDS: &[&str] = &[
-    "a", "about", "an", "and", "are", "as", "at", "be", "by", "can", "do", "does", "for", "from",
-    "how", "i", "if", "in", "is", "it", "its", "me", "my", "of", "on", "or", "our", "should", "so",
-    "that", "the", "this", "to", "use", "we", "what", "when", "where", "which", "why", "with",
-    "you", "your", "it's", "i'm", "am", "was", "there", "have", "has", "get", "need", "want",
-    "help", "please", "some", "one", "would", "could", "them", "they", "than", "then", "into",
-    "up", "out", "not", "no", "but", "all", "any", "every", "each",
-];
+    /// Every skill's score for the whole `query`, in index order.
+    pub fn scores(&self, query: &str) -> Vec<Detection> {
+        let query = self.query(query);
+        self.totals(&query, &[])
+            .into_iter()
+            .zip(&self.skills)
+            .map(|(score, skill)| Detection {
+                name: skill.name.clone(),
+                score,
+            })
+            .collect()
+    }
 
-/// Lowercase words of `text`, stop words removed, suffixes stripped.
-fn words(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .filter(|w| !STOP_WORDS.contains(&w.as_str()))
-        .map(|w| stem(&w))
-}
-
-/// A deliberately small suffix stripper: plural and common verb endings.
-fn stem(word: &str) -> String {
-    let n = word.chars().count();
-    for (suffix, min_len) in [("ing", 6), ("ed", 5), ("s", 4)] {
-        if n >= min_len && word.ends_with(suffix) && !word.ends_with("ss") {
-            return word[..word.len() - suffix.len()].to_owned();
+    /// The query's known terms, in order, and their contributions to every skill.
+    fn query(&self, text: &str) -> Query {
+        let sequence: Vec<Option<u32>> = terms(text)
+            .map(|w| self.vocabulary.get(&w).copied())
+            .collect();
+        let mut distinct: Vec<u32> = sequence.iter().flatten().copied().collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let k1 = self.config.k1;
+        let mut contributions = Vec::new();
+        for (index, term) in distinct.iter().enumerate() {
+            let idf = self.idf[*term as usize];
+            for &(skill, tf) in &self.postings[*term as usize] {
+                let norm = self.skills[skill as usize].norm;
+                contributions.push(Contribution {
+                    skill,
+                    term: index,
+                    score: idf * tf * (k1 + 1.0) / (tf + norm),
+                });
+            }
+        }
+        Query {
+            sequence,
+            distinct,
+            contributions,
         }
     }
-    word.to_owned()
+
+    /// Every skill's score over the query terms it matches more strongly than `claims` (the
+    /// strongest contribution of a chosen skill per distinct term; empty: none chosen). A
+    /// phrase counts if one of its terms is unclaimed.
+    fn totals(&self, query: &Query, claims: &[f32]) -> Vec<f32> {
+        let claimed = |term: usize| claims.get(term).copied().unwrap_or(0.0);
+        let mut totals = vec![0.0f32; self.skills.len()];
+        let mut touched = Vec::new();
+        for c in &query.contributions {
+            if c.score > claimed(c.term) {
+                if totals[c.skill as usize] == 0.0 {
+                    touched.push(c.skill as usize);
+                }
+                totals[c.skill as usize] += c.score;
+            }
+        }
+        for skill in touched {
+            let phrases = self.skills[skill]
+                .phrases
+                .iter()
+                .filter(|p| {
+                    p.iter().any(|t| {
+                        query
+                            .distinct
+                            .binary_search(t)
+                            .is_ok_and(|i| claimed(i) == 0.0)
+                    }) && query
+                        .sequence
+                        .windows(p.len())
+                        .any(|w| w.iter().zip(p.iter()).all(|(q, t)| *q == Some(*t)))
+                })
+                .count();
+            totals[skill] += self.config.phrase_bonus * phrases as f32;
+        }
+        totals
+    }
+}
+
+/// A query prepared for scoring.
+struct Query {
+    /// Its terms in order (`None`: not in any skill).
+    sequence: Vec<Option<u32>>,
+    /// Its distinct known terms, sorted.
+    distinct: Vec<u32>,
+    contributions: Vec<Contribution>,
 }
 
 #[cfg(test)]
@@ -271,15 +340,43 @@ mod tests {
 
     #[test]
     fn respects_max_skills_and_orders_best_first() {
+        let query = "sql join index for the kv cache radix tree block table";
+        let both = SkillDetector::new(cards(), DetectorConfig::default()).detect(query);
+        assert_eq!(
+            both.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
+            ["kv-cache", "sql"]
+        );
         let config = DetectorConfig {
             max_skills: 1,
-            relative_cutoff: 0.0,
             ..DetectorConfig::default()
         };
-        let d = SkillDetector::new(cards(), config);
-        let hits = d.detect("sql join index for the kv cache radix tree block table");
-        assert_eq!(hits.len(), 1);
-        assert_eq!(hits[0].name, "kv-cache");
+        let one = SkillDetector::new(cards(), config).detect(query);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].name, "kv-cache");
+    }
+
+    #[test]
+    fn a_second_skill_needs_words_of_its_own() {
+        let cards = vec![
+            SkillCard {
+                name: "performance".into(),
+                description: "Latency and throughput of a service.".into(),
+                keywords: vec!["latency".into(), "p99".into(), "slow".into()],
+            },
+            SkillCard {
+                name: "api-design".into(),
+                description: "Designing an HTTP API: status codes, pagination.".into(),
+                keywords: vec!["rest api".into(), "latency budget".into()],
+            },
+        ];
+        let d = SkillDetector::new(cards, DetectorConfig::default());
+        let names = |q: &str| d.detect(q).into_iter().map(|h| h.name).collect::<Vec<_>>();
+        // "latency" scores for both, but only the best skill may claim it.
+        assert_eq!(names("the p99 latency is slow"), ["performance"]);
+        assert_eq!(
+            names("p99 latency is slow and which status codes and pagination for our rest api"),
+            ["api-design", "performance"]
+        );
     }
 
     #[test]
@@ -291,16 +388,9 @@ mod tests {
     }
 
     #[test]
-    fn stems_plurals_and_verb_forms() {
-        assert_eq!(stem("caches"), stem("cache"));
-        assert_eq!(stem("tables"), stem("table"));
-        assert_eq!(stem("profiling"), "profil");
-        assert_eq!(stem("class"), "class");
-    }
-
-    #[test]
     fn an_empty_detector_detects_nothing() {
         let d = SkillDetector::new(Vec::new(), DetectorConfig::default());
         assert!(d.detect("anything at all").is_empty());
+        assert!(d.scores("anything at all").is_empty());
     }
 }

@@ -110,8 +110,9 @@ pub struct ModelSource {
     ))]
     pub uri: String,
 
-    /// Expected SHA-256 of the model file (64 lowercase hex digits). The daemon refuses a file
-    /// that does not match.
+    /// Expected SHA-256 of the model file (64 lowercase hex digits). The `hf://` download step
+    /// refuses a file that does not match; for `file://` and `pvc://` models it is not checked
+    /// yet (the daemon reports the file's digest in `/admin/v1/state`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub sha256: Option<String>,

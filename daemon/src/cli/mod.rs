@@ -1,6 +1,7 @@
 //! The `skillkv` command line: argument parsing, logging setup and dispatch to subcommands.
 
 pub mod bench;
+pub mod chat;
 pub mod http;
 pub mod logging;
 pub mod serve;
@@ -27,6 +28,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// List, prefill or detect skills.
     Skills(skills::SkillsArgs),
+    /// Chat with a model on stdin/stdout (a quick check, no server).
+    Chat(chat::ChatArgs),
     /// Benchmarks (ratios measured side by side in one run).
     Bench(bench::BenchArgs),
 }
@@ -38,6 +41,7 @@ pub fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args)?,
         Command::Skills(args) => skills::run(args)?,
+        Command::Chat(args) => chat::run(&args)?,
         Command::Bench(args) => bench::run(args)?,
     }
     Ok(())

@@ -151,6 +151,9 @@ pub struct Collected {
     pub reason: Option<FinishReason>,
     pub completion_tokens: usize,
     pub failed: Option<String>,
+    /// Each token's most likely alternatives with their log-probabilities (empty unless the
+    /// request asked for logprobs).
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
 }
 
 /// Reads a stream to its end.
@@ -162,14 +165,21 @@ pub async fn collect(mut stream: GenerationStream) -> Collected {
         reason: None,
         completion_tokens: 0,
         failed: None,
+        top_logprobs: Vec::new(),
     };
     while let Some(event) = stream.recv().await {
         match event {
             GenerationEvent::Started { cached_tokens, .. } => {
                 out.cached_tokens = Some(cached_tokens)
             }
-            GenerationEvent::Token { id, text, .. } => {
+            GenerationEvent::Token {
+                id,
+                text,
+                top_logprobs,
+                ..
+            } => {
                 out.tokens.push(id);
+                out.top_logprobs.push(top_logprobs);
                 out.text.push_str(&text);
             }
             GenerationEvent::Finished {
@@ -200,6 +210,18 @@ pub fn greedy(request_id: &str, prompt: Vec<u32>, max_tokens: usize) -> Generate
         },
         adapter: None,
     }
+}
+
+/// [`greedy`] that also reports each token's `count` most likely alternatives.
+pub fn greedy_with_logprobs(
+    request_id: &str,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    count: usize,
+) -> GenerateRequest {
+    let mut request = greedy(request_id, prompt, max_tokens);
+    request.sampling.logprobs = Some(count);
+    request
 }
 
 /// Deterministic pseudo-random prompt of `len` tokens below `vocab`.

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, HTTPGetAction, LocalObjectReference, PodReadinessGate,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource, Volume, VolumeMount,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -21,6 +22,8 @@ use crate::names;
 
 /// Where the node-local skill KV store is mounted in daemon pods.
 pub const KV_STORE_MOUNT: &str = "/var/lib/skillkv/kv";
+/// The daemon's log-format variable (its global `--log-format` flag); pods log JSON.
+pub const DAEMON_LOG_FORMAT_ENV: &str = "SKILLKV_LOG_FORMAT";
 
 /// Operator-wide inputs of the daemon Deployment (from the controller's settings).
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +36,54 @@ pub struct DaemonPoolConfig<'a> {
     pub pull_secrets: &'a [String],
     /// Node directory of the `hf://` model cache.
     pub model_cache_dir: &'a str,
+    /// Image of the `hf://` download step (`sh`, `curl`, `sha256sum`); `None`: the daemon image.
+    pub fetch_image: Option<&'a str>,
+}
+
+/// The arguments of `skillkv serve` in a daemon pod (`daemon/src/cli/serve.rs` defines them),
+/// without `--kv-store`, which comes with the persistence volume. Engine settings the daemon has
+/// no flag for are left out; [`unsupported_engine_settings`] names them.
+pub fn daemon_args(model: &ModelDeployment, model_path: &str) -> Vec<String> {
+    let token_path = format!("{}/{}", names::ADMIN_TOKEN_MOUNT, names::ADMIN_TOKEN_KEY);
+    let mut args = vec![
+        "serve".to_owned(),
+        "--host=0.0.0.0".to_owned(),
+        format!("--port={}", names::DAEMON_PUBLIC_PORT),
+        format!("--admin-port={}", names::DAEMON_ADMIN_PORT),
+        format!("--admin-token-file={token_path}"),
+        format!("--model={model_path}"),
+    ];
+    let engine = model.spec.engine.clone().unwrap_or_default();
+    if let Some(bytes) = engine.kv_cache_bytes {
+        args.push(format!("--kv-cache-bytes={bytes}"));
+    }
+    if let Some(fraction) = engine.pinned_fraction {
+        args.push(format!("--pinned-fraction={fraction}"));
+    }
+    if let Some(tokens) = engine.max_batch_tokens {
+        args.push(format!("--max-batch-tokens={tokens}"));
+    }
+    if let Some(seqs) = engine.max_seqs {
+        args.push(format!("--max-seqs={seqs}"));
+    }
+    args
+}
+
+/// The `spec.engine` fields set on `model` that this daemon version has no flag for and so
+/// ignores (it uses its defaults: a 512 MiB KV cache, the model's context length, its own KV
+/// element type). `blockSize` is not among them: the schema allows only 16, the daemon's size.
+pub fn unsupported_engine_settings(model: &ModelDeployment) -> Vec<&'static str> {
+    let Some(engine) = &model.spec.engine else {
+        return Vec::new();
+    };
+    [
+        ("kvCacheFraction", engine.kv_cache_fraction.is_some()),
+        ("contextLength", engine.context_length.is_some()),
+        ("kvDtype", engine.kv_dtype.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(field, set)| set.then_some(field))
+    .collect()
 }
 
 /// Builds the daemon Deployment of a ModelDeployment.
@@ -47,36 +98,19 @@ pub fn build_daemon_deployment(
         .ok_or(BuildChildrenError::MissingMetadata("name"))?;
     let spec = &model.spec;
     let image = spec.image.as_deref().unwrap_or(config.default_image);
+    let served_name = spec.served_name.as_deref().unwrap_or(&name);
     let model_mount = resolve_model_uri(
         &spec.model.uri,
+        served_name,
         ModelFetch {
-            image,
+            image: config.fetch_image.unwrap_or(image),
             pull_policy: config.pull_policy,
             cache_dir: config.model_cache_dir,
             sha256: spec.model.sha256.as_deref(),
         },
     )?;
 
-    let token_path = format!("{}/{}", names::ADMIN_TOKEN_MOUNT, names::ADMIN_TOKEN_KEY);
-    let mut args = vec![
-        "serve".to_owned(),
-        "--host=0.0.0.0".to_owned(),
-        format!("--port={}", names::DAEMON_PUBLIC_PORT),
-        format!("--admin-port={}", names::DAEMON_ADMIN_PORT),
-        format!("--admin-token-file={token_path}"),
-        format!("--model={}", model_mount.model_path),
-    ];
-    let engine = spec.engine.clone().unwrap_or_default();
-    if let Some(bytes) = engine.kv_cache_bytes {
-        args.push(format!("--kv-cache-bytes={bytes}"));
-    }
-    if let Some(tokens) = engine.max_batch_tokens {
-        args.push(format!("--max-batch-tokens={tokens}"));
-    }
-    if let Some(seqs) = engine.max_seqs {
-        args.push(format!("--max-seqs={seqs}"));
-    }
-
+    let mut args = daemon_args(model, &model_mount.model_path);
     let mut volumes = vec![
         model_mount.volume,
         Volume {
@@ -98,12 +132,15 @@ pub fn build_daemon_deployment(
             ..VolumeMount::default()
         },
     ];
-    let mut env = vec![EnvVar {
-        name: "SKILLKV_SERVED_NAME".to_owned(),
-        value: Some(spec.served_name.clone().unwrap_or_else(|| name.clone())),
+    let env = vec![EnvVar {
+        name: DAEMON_LOG_FORMAT_ENV.to_owned(),
+        value: Some("json".to_owned()),
         ..EnvVar::default()
     }];
+    let tools_image = config.fetch_image.unwrap_or(image);
+    let mut init_containers: Vec<Container> = model_mount.init_container.into_iter().collect();
     if let Some(persistence) = &spec.persistence {
+        init_containers.push(prepare_kv_store(tools_image, config.pull_policy));
         volumes.push(host_path_volume(
             "kv-store",
             &persistence.host_path,
@@ -114,11 +151,7 @@ pub fn build_daemon_deployment(
             mount_path: KV_STORE_MOUNT.to_owned(),
             ..VolumeMount::default()
         });
-        env.push(EnvVar {
-            name: "SKILLKV_KV_STORE_DIR".to_owned(),
-            value: Some(KV_STORE_MOUNT.to_owned()),
-            ..EnvVar::default()
-        });
+        args.push(format!("--kv-store={KV_STORE_MOUNT}"));
     }
 
     let container = Container {
@@ -136,13 +169,20 @@ pub fn build_daemon_deployment(
         startup_probe: Some(http_probe("/healthz", 5, 120)),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(names::DAEMON_UID),
+            run_as_group: Some(names::DAEMON_UID),
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            ..SecurityContext::default()
+        }),
         ..Container::default()
     };
 
     let placement = spec.placement.clone().unwrap_or_default();
     let pod_spec = PodSpec {
         containers: vec![container],
-        init_containers: model_mount.init_container.map(|init| vec![init]),
+        init_containers: (!init_containers.is_empty()).then_some(init_containers),
         volumes: Some(volumes),
         node_selector: placement.node_selector,
         tolerations: placement.tolerations,
@@ -184,6 +224,34 @@ pub fn build_daemon_deployment(
         }),
         status: None,
     })
+}
+
+/// The init container that hands the node's KV store folder (created root-owned by kubelet) to
+/// the daemon's user, so that the daemon can save prefills there. Runs as root, in an image with
+/// `sh`, `chown` and `chmod` (the daemon image, or `--model-fetch-image`).
+fn prepare_kv_store(image: &str, pull_policy: &str) -> Container {
+    let uid = names::DAEMON_UID;
+    Container {
+        name: "prepare-kv-store".to_owned(),
+        image: Some(image.to_owned()),
+        image_pull_policy: Some(pull_policy.to_owned()),
+        command: Some(vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            format!("chown {uid}:{uid} '{KV_STORE_MOUNT}' && chmod 0750 '{KV_STORE_MOUNT}'"),
+        ]),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "kv-store".to_owned(),
+            mount_path: KV_STORE_MOUNT.to_owned(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    }
 }
 
 /// Requests equal limits for cpu and memory (a predictable pod); GPUs are limits only, as the

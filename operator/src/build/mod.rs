@@ -5,8 +5,13 @@
 mod deployment;
 mod model_source;
 
-pub use deployment::{DaemonPoolConfig, build_daemon_deployment};
-pub use model_source::{ModelFetch, ModelMount, ResolveModelUriError, resolve_model_uri};
+pub use deployment::{
+    DAEMON_LOG_FORMAT_ENV, DaemonPoolConfig, KV_STORE_MOUNT, build_daemon_deployment, daemon_args,
+    unsupported_engine_settings,
+};
+pub use model_source::{
+    ModelFetch, ModelMount, ResolveModelUriError, resolve_model_uri, served_model_path,
+};
 
 use std::collections::BTreeMap;
 
@@ -25,7 +30,7 @@ pub enum BuildChildrenError {
     /// The object has no name, namespace or uid (it was not read from the API server).
     #[error("the ModelDeployment lacks metadata.{0}")]
     MissingMetadata(&'static str),
-    /// `model.uri` cannot be mounted.
+    /// `model.uri` cannot be mounted, or `servedName` cannot name the model file.
     #[error(transparent)]
     ModelUri(#[from] ResolveModelUriError),
 }
@@ -115,5 +120,7 @@ pub fn generate_admin_token() -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
+#[cfg(test)]
+mod daemon_cli_tests;
 #[cfg(test)]
 mod tests;

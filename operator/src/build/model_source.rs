@@ -1,13 +1,20 @@
 //! Where a daemon pod finds its model file: the volume, mount and `--model` path generated from
 //! a ModelDeployment's `model.uri`, plus the init container that downloads `hf://` models into
 //! the node's model cache.
+//!
+//! The daemon names the model it serves after its file (`/models/<id>.gguf` serves `<id>`), so
+//! whatever the source, the file is mounted at `/models/<servedName>.gguf` (a file mount, or a
+//! `subPath` of the volume): the id clients send is the ModelDeployment's `servedName`.
 
 use k8s_openapi::api::core::v1::{
-    Container, HostPathVolumeSource, PersistentVolumeClaimVolumeSource, Volume, VolumeMount,
+    Container, HostPathVolumeSource, PersistentVolumeClaimVolumeSource, SecurityContext, Volume,
+    VolumeMount,
 };
 
-/// Where model volumes are mounted in the daemon container.
+/// The folder of the model file in the daemon container.
 pub const MODEL_MOUNT: &str = "/models";
+/// Where the `fetch-model` init container mounts the node's model cache.
+pub const MODEL_CACHE_MOUNT: &str = "/cache";
 /// Name of the model volume.
 pub const MODEL_VOLUME: &str = "model";
 
@@ -41,6 +48,16 @@ pub enum ResolveModelUriError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The served name cannot be a file name, which the daemon takes its model id from.
+    #[error(
+        "servedName {name:?} cannot be served by this daemon version, which takes the model id from the file name: {reason}"
+    )]
+    ServedName {
+        /// The served name.
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
 }
 
 /// Inputs of the `hf://` download step.
@@ -56,21 +73,43 @@ pub struct ModelFetch<'a> {
     pub sha256: Option<&'a str>,
 }
 
-/// Resolves `model.uri` into the pod's model volume.
+/// The model file's path in the daemon container for a served name: `/models/<name>.gguf`.
+pub fn served_model_path(served_name: &str) -> Result<String, ResolveModelUriError> {
+    let reason = if served_name.is_empty() {
+        Some("it is empty")
+    } else if served_name.contains('/') {
+        Some("it contains `/`")
+    } else if served_name == "." || served_name == ".." {
+        Some("`.` and `..` are not file names")
+    } else if served_name.chars().any(char::is_control) {
+        Some("it contains control characters")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(ResolveModelUriError::ServedName {
+            name: served_name.to_owned(),
+            reason,
+        }),
+        None => Ok(format!("{MODEL_MOUNT}/{served_name}.gguf")),
+    }
+}
+
+/// Resolves `model.uri` into the pod's model volume, with the file at `/models/<served>.gguf`.
 pub fn resolve_model_uri(
     uri: &str,
+    served_name: &str,
     fetch: ModelFetch<'_>,
 ) -> Result<ModelMount, ResolveModelUriError> {
+    let model_path = served_model_path(served_name)?;
     if let Some(path) = uri.strip_prefix("file://") {
         let path = checked_path(uri, path, "file:// needs an absolute path")?;
         if !path.starts_with('/') {
             return Err(malformed(uri, "file:// needs an absolute path"));
         }
-        let file_name = path.rsplit('/').next().unwrap_or_default();
-        let model_path = format!("{MODEL_MOUNT}/{file_name}");
         Ok(ModelMount {
             volume: host_path_volume(MODEL_VOLUME, path, "File"),
-            mount: read_only_mount(MODEL_VOLUME, &model_path),
+            mount: read_only_mount(MODEL_VOLUME, &model_path, None),
             model_path,
             init_container: None,
         })
@@ -91,8 +130,12 @@ pub fn resolve_model_uri(
                 }),
                 ..Volume::default()
             },
-            mount: read_only_mount(MODEL_VOLUME, MODEL_MOUNT),
-            model_path: format!("{MODEL_MOUNT}/{}", path.trim_start_matches('/')),
+            mount: read_only_mount(
+                MODEL_VOLUME,
+                &model_path,
+                Some(path.trim_start_matches('/')),
+            ),
+            model_path,
             init_container: None,
         })
     } else if let Some(rest) = uri.strip_prefix("hf://") {
@@ -105,11 +148,10 @@ pub fn resolve_model_uri(
         }
         let file = checked_path(uri, file, "hf:// needs a file in the repository")?;
         let relative = format!("{org}/{repo}/{file}");
-        let model_path = format!("{MODEL_MOUNT}/{relative}");
         Ok(ModelMount {
             volume: host_path_volume(MODEL_VOLUME, fetch.cache_dir, "DirectoryOrCreate"),
-            mount: read_only_mount(MODEL_VOLUME, MODEL_MOUNT),
-            init_container: Some(download_container(&relative, &model_path, fetch)),
+            mount: read_only_mount(MODEL_VOLUME, &model_path, Some(&relative)),
+            init_container: Some(download_container(&relative, fetch)),
             model_path,
         })
     } else {
@@ -158,10 +200,11 @@ pub fn host_path_volume(name: &str, path: &str, type_: &str) -> Volume {
     }
 }
 
-fn read_only_mount(name: &str, path: &str) -> VolumeMount {
+fn read_only_mount(name: &str, path: &str, sub_path: Option<&str>) -> VolumeMount {
     VolumeMount {
         name: name.to_owned(),
         mount_path: path.to_owned(),
+        sub_path: sub_path.map(str::to_owned),
         read_only: Some(true),
         ..VolumeMount::default()
     }
@@ -169,8 +212,10 @@ fn read_only_mount(name: &str, path: &str) -> VolumeMount {
 
 /// The init container: downloads the file from the Hugging Face hub into the node cache unless
 /// it is there already, into a temporary name first so that pods on the same node never load a
-/// partial file, and checks the SHA-256 when one is pinned.
-fn download_container(relative: &str, model_path: &str, fetch: ModelFetch<'_>) -> Container {
+/// partial file, and checks the SHA-256 when one is pinned. The image needs `sh`, `curl` and
+/// `sha256sum`.
+fn download_container(relative: &str, fetch: ModelFetch<'_>) -> Container {
+    let target = format!("{MODEL_CACHE_MOUNT}/{relative}");
     let (repo_path, file) = relative
         .match_indices('/')
         .nth(1)
@@ -181,7 +226,7 @@ fn download_container(relative: &str, model_path: &str, fetch: ModelFetch<'_>) -
         .map(|sha| format!(" && echo '{sha}  '\"$tmp\" | sha256sum -c -"))
         .unwrap_or_default();
     let script = format!(
-        "set -eu; target='{model_path}'; if [ -s \"$target\" ]; then exit 0; fi; \
+        "set -eu; target='{target}'; if [ -s \"$target\" ]; then exit 0; fi; \
          mkdir -p \"$(dirname \"$target\")\"; tmp=\"$target.partial.$HOSTNAME\"; \
          curl -fsSL --retry 5 -o \"$tmp\" \"${{HF_ENDPOINT:-https://huggingface.co}}/{repo_path}/resolve/main/{file}\"{verify} \
          && mv \"$tmp\" \"$target\""
@@ -191,9 +236,16 @@ fn download_container(relative: &str, model_path: &str, fetch: ModelFetch<'_>) -
         image: Some(fetch.image.to_owned()),
         image_pull_policy: Some(fetch.pull_policy.to_owned()),
         command: Some(vec!["sh".to_owned(), "-c".to_owned(), script]),
+        // kubelet creates the cache folder root-owned (hostPath `DirectoryOrCreate`): the
+        // download must be able to write there whatever user the image defaults to.
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            ..SecurityContext::default()
+        }),
         volume_mounts: Some(vec![VolumeMount {
             name: MODEL_VOLUME.to_owned(),
-            mount_path: MODEL_MOUNT.to_owned(),
+            mount_path: MODEL_CACHE_MOUNT.to_owned(),
             ..VolumeMount::default()
         }]),
         ..Container::default()
@@ -212,21 +264,28 @@ mod tests {
     };
 
     #[test]
-    fn file_uri_mounts_the_file_from_the_node() {
-        let mount = resolve_model_uri("file:///data/m/model.gguf", FETCH).expect("resolves");
+    fn file_uri_mounts_the_file_from_the_node_under_the_served_name() {
+        let mount = resolve_model_uri("file:///data/m/model.gguf", "llm", FETCH).expect("resolves");
         let host = mount.volume.host_path.expect("hostPath");
         assert_eq!(host.path, "/data/m/model.gguf");
-        assert_eq!(mount.model_path, "/models/model.gguf");
+        assert_eq!(host.type_.as_deref(), Some("File"));
+        assert_eq!(mount.model_path, "/models/llm.gguf");
+        assert_eq!(mount.mount.mount_path, "/models/llm.gguf");
+        assert_eq!(mount.mount.sub_path, None);
         assert!(mount.init_container.is_none());
     }
 
     #[test]
-    fn pvc_uri_mounts_the_claim_read_only() {
-        let mount = resolve_model_uri("pvc://models/llama/q4.gguf", FETCH).expect("resolves");
+    fn pvc_uri_mounts_the_file_of_the_claim_read_only() {
+        let mount =
+            resolve_model_uri("pvc://models/llama/q4.gguf", "llama-3", FETCH).expect("resolves");
         let claim = mount.volume.persistent_volume_claim.expect("pvc");
         assert_eq!(claim.claim_name, "models");
         assert_eq!(claim.read_only, Some(true));
-        assert_eq!(mount.model_path, "/models/llama/q4.gguf");
+        assert_eq!(mount.model_path, "/models/llama-3.gguf");
+        assert_eq!(mount.mount.mount_path, "/models/llama-3.gguf");
+        assert_eq!(mount.mount.sub_path.as_deref(), Some("llama/q4.gguf"));
+        assert_eq!(mount.mount.read_only, Some(true));
     }
 
     #[test]
@@ -236,8 +295,9 @@ mod tests {
             sha256: Some(&sha),
             ..FETCH
         };
-        let mount = resolve_model_uri("hf://org/repo/sub/m.gguf", fetch).expect("resolves");
-        assert_eq!(mount.model_path, "/models/org/repo/sub/m.gguf");
+        let mount = resolve_model_uri("hf://org/repo/sub/m.gguf", "m", fetch).expect("resolves");
+        assert_eq!(mount.model_path, "/models/m.gguf");
+        assert_eq!(mount.mount.sub_path.as_deref(), Some("org/repo/sub/m.gguf"));
         assert_eq!(
             mount.volume.host_path.expect("hostPath").path,
             "/var/cache/m"
@@ -247,6 +307,14 @@ mod tests {
         assert!(
             script.contains("/org/repo/resolve/main/sub/m.gguf"),
             "{script}"
+        );
+        assert!(
+            script.contains("target='/cache/org/repo/sub/m.gguf'"),
+            "{script}"
+        );
+        assert_eq!(
+            init.volume_mounts.expect("mounts")[0].mount_path,
+            MODEL_CACHE_MOUNT
         );
         assert!(script.contains(&sha), "{script}");
     }
@@ -262,9 +330,29 @@ mod tests {
             "file:///a'b",
         ] {
             assert!(
-                resolve_model_uri(uri, FETCH).is_err(),
+                resolve_model_uri(uri, "m", FETCH).is_err(),
                 "{uri} should be rejected"
             );
         }
+    }
+
+    #[test]
+    fn served_names_that_are_not_file_names_are_errors() {
+        for name in ["", "org/model", ".", "..", "a\nb"] {
+            let error =
+                resolve_model_uri("file:///m.gguf", name, FETCH).expect_err("not a file name");
+            assert!(
+                matches!(error, ResolveModelUriError::ServedName { .. }),
+                "{name:?}: {error}"
+            );
+        }
+        assert_eq!(
+            served_model_path("smollm2-135m").as_deref(),
+            Ok("/models/smollm2-135m.gguf")
+        );
+        assert_eq!(
+            served_model_path("a..b").as_deref(),
+            Ok("/models/a..b.gguf")
+        );
     }
 }

@@ -10,6 +10,7 @@ const CONFIG: DaemonPoolConfig<'static> = DaemonPoolConfig {
     pull_policy: "IfNotPresent",
     pull_secrets: &[],
     model_cache_dir: "/var/cache/skillkv/models",
+    fetch_image: None,
 };
 
 fn model(spec: serde_json::Value) -> ModelDeployment {
@@ -31,7 +32,7 @@ fn gpu_model() -> ModelDeployment {
             "nodeSelector": {"nvidia.com/gpu.present": "true"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         },
-        "engine": {"kvCacheBytes": 1073741824, "maxBatchTokens": 1024, "maxSeqs": 32},
+        "engine": {"kvCacheBytes": 1073741824, "pinnedFraction": 0.25, "maxBatchTokens": 1024, "maxSeqs": 32},
         "persistence": {"hostPath": "/var/lib/skillkv"}
     }))
 }

@@ -75,8 +75,13 @@ pub async fn apply_children(
             pull_policy: &settings.daemon_image_pull_policy,
             pull_secrets: &settings.daemon_image_pull_secrets.0,
             model_cache_dir: &settings.model_cache_dir,
+            fetch_image: settings.model_fetch_image.as_deref(),
         },
     )?;
+    let ignored = build::unsupported_engine_settings(model);
+    if !ignored.is_empty() {
+        tracing::warn!(model = %model.name_any(), %namespace, fields = ?ignored, "engine settings this daemon version has no flag for are ignored");
+    }
     let service = build::build_daemon_service(model)?;
     let pool = names::daemon_pool_name(&model.name_any());
 

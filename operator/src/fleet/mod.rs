@@ -12,7 +12,7 @@ pub mod status;
 pub mod write;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,10 +22,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use skillkv_api::admin::DesiredState;
 use skillkv_api::v1alpha1::{ModelDeployment, condition_types as types};
 
-use crate::build::BuildChildrenError;
+use crate::build::{BuildChildrenError, ResolveModelUriError};
 use crate::conditions::ConditionUpdate;
 use crate::context::Context;
 use crate::daemon::DaemonAdminError;
@@ -86,6 +87,9 @@ impl ReconcileError {
             } if status.is_conflict() => "ApplyConflict",
             Self::ApplyChild { .. } => "ApplyFailed",
             Self::Kube(_) => "KubernetesApiError",
+            Self::Build(BuildChildrenError::ModelUri(ResolveModelUriError::ServedName {
+                ..
+            })) => "InvalidServedName",
             Self::Build(BuildChildrenError::ModelUri(_)) => "InvalidModelUri",
             Self::Build(_) => "InvalidSpec",
             Self::AdminTokenMissing { .. } => "AdminTokenMissing",
@@ -121,6 +125,14 @@ pub async fn reconcile(
             if let Err(status_error) = write::model_condition(model, &ctx, update).await {
                 tracing::warn!(model = %model.name_any(), error = %status_error, "writing the Degraded condition failed");
             }
+            write::publish(
+                model,
+                EventType::Warning,
+                error.reason(),
+                error.to_string(),
+                &ctx,
+            )
+            .await;
             Err(error)
         }
     }

@@ -1,5 +1,6 @@
 //! Reconcile tests of the ModelDeployment pipeline against the mocked API server and fake
 //! daemons: the happy path, an apply conflict, an unreachable daemon, and a pod that vanished.
+//! The request helpers are shared with the Skill finalizer's tests.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,14 +10,15 @@ use kube::core::DeserializeGuard;
 use serde_json::{Value, json};
 use skillkv_api::v1alpha1::ModelDeployment;
 
-use super::{ReconcileError, reconcile};
+use super::reconcile;
 use crate::context::Context;
 use crate::fixtures::{ApiServerVerifier, FakeDaemon, daemon_state, list_of, status_error};
 
-const NS: &str = "team";
-const SKILL_TEXT: &str = "---\nname: sql\ndescription: Writes SQL.\n---\nYou write careful SQL.\n";
+pub(crate) const NS: &str = "team";
+pub(crate) const SKILL_TEXT: &str =
+    "---\nname: sql\ndescription: Writes SQL.\n---\nYou write careful SQL.\n";
 
-fn model_json() -> Value {
+pub(crate) fn model_json() -> Value {
     json!({
         "apiVersion": "skillkv.io/v1alpha1", "kind": "ModelDeployment",
         "metadata": {"name": "llm", "namespace": NS, "uid": "uid-llm", "generation": 3},
@@ -24,12 +26,12 @@ fn model_json() -> Value {
     })
 }
 
-fn guarded_model() -> Arc<DeserializeGuard<ModelDeployment>> {
+pub(crate) fn guarded_model() -> Arc<DeserializeGuard<ModelDeployment>> {
     let model: ModelDeployment = serde_json::from_value(model_json()).expect("model parses");
     Arc::new(DeserializeGuard(Ok(model)))
 }
 
-fn skill_json(replicas: Option<i32>, placed_on: &[&str]) -> Value {
+pub(crate) fn skill_json(replicas: Option<i32>, placed_on: &[&str]) -> Value {
     let placements: Vec<Value> = placed_on
         .iter()
         .map(|pod| json!({"pod": pod, "state": "Ready"}))
@@ -46,7 +48,7 @@ fn skill_json(replicas: Option<i32>, placed_on: &[&str]) -> Value {
     })
 }
 
-fn pod_json(name: &str, node: &str, ip: &str) -> Value {
+pub(crate) fn pod_json(name: &str, node: &str, ip: &str) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": NS, "labels": {"skillkv.io/model-deployment": "llm"}},
@@ -55,14 +57,14 @@ fn pod_json(name: &str, node: &str, ip: &str) -> Value {
     })
 }
 
-fn secret_json() -> Value {
+pub(crate) fn secret_json() -> Value {
     json!({"apiVersion": "v1", "kind": "Secret",
            "metadata": {"name": "llm-admin-token", "namespace": NS},
            "data": {"token": "czNjcjN0"}}) // "s3cr3t"
 }
 
 /// Answers the fetch and apply steps up to the pod list.
-async fn serve_children(api: &mut ApiServerVerifier) -> Value {
+pub(crate) async fn serve_children(api: &mut ApiServerVerifier) -> Value {
     api.expect(
         Method::GET,
         "/api/v1/namespaces/team/secrets/llm-admin-token",
@@ -91,7 +93,7 @@ async fn serve_children(api: &mut ApiServerVerifier) -> Value {
     deployment
 }
 
-async fn serve_lists(api: &mut ApiServerVerifier, pods: Vec<Value>, skills: Vec<Value>) {
+pub(crate) async fn serve_lists(api: &mut ApiServerVerifier, pods: Vec<Value>, skills: Vec<Value>) {
     api.expect(
         Method::GET,
         "/api/v1/namespaces/team/pods",
@@ -115,17 +117,18 @@ async fn serve_lists(api: &mut ApiServerVerifier, pods: Vec<Value>, skills: Vec<
     .await;
 }
 
-fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+pub(crate) fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
     status["status"]["conditions"]
         .as_array()
         .and_then(|conditions| conditions.iter().find(|c| c["type"] == type_))
         .unwrap_or(&Value::Null)
 }
 
-async fn run<T>(
+/// Runs the API side of a test beside the reconcile task, both bounded in time.
+pub(crate) async fn run<T, R>(
     test: impl Future<Output = T>,
-    reconcile: tokio::task::JoinHandle<Result<kube::runtime::controller::Action, ReconcileError>>,
-) -> (T, Result<kube::runtime::controller::Action, ReconcileError>) {
+    reconcile: tokio::task::JoinHandle<R>,
+) -> (T, R) {
     tokio::time::timeout(Duration::from_secs(10), async {
         let verified = test.await;
         let result = reconcile.await.expect("reconcile task");
@@ -243,19 +246,36 @@ async fn an_apply_conflict_fails_the_reconcile_and_sets_degraded() {
                 conflict,
             )
             .await;
-            api.expect(
-                Method::PATCH,
-                "/apis/skillkv.io/v1alpha1/namespaces/team/modeldeployments/llm/status",
-                200,
-                model_json(),
-            )
-            .await
+            let status = api
+                .expect(
+                    Method::PATCH,
+                    "/apis/skillkv.io/v1alpha1/namespaces/team/modeldeployments/llm/status",
+                    200,
+                    model_json(),
+                )
+                .await;
+            let event = api
+                .expect_echo(
+                    Method::POST,
+                    "/apis/events.k8s.io/v1/namespaces/team/events",
+                )
+                .await;
+            (status, event)
         },
         task,
     )
     .await;
+    let (status, event) = status;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "ApplyConflict");
+    assert_eq!(event["regarding"]["name"], "llm");
     let error = result.expect_err("a conflict fails the reconcile");
     assert_eq!(error.reason(), "ApplyConflict");
+    // The controller requeues with backoff instead of stopping.
+    assert_eq!(
+        super::error_policy(guarded_model(), &error, ctx.clone()),
+        kube::runtime::controller::Action::requeue(ctx.settings.progress() * 3)
+    );
     let degraded = condition(&status, "Degraded");
     assert_eq!(degraded["status"], "True");
     assert_eq!(degraded["reason"], "ApplyConflict");

@@ -195,7 +195,8 @@ async fn skill_events(skill: &Skill, old: &SkillStatus, new: &SkillStatus, ctx: 
     }
 }
 
-async fn publish<K: Resource<DynamicType = ()>>(
+/// Publishes an Event on `object`; a failure to publish is logged, never fatal.
+pub async fn publish<K: Resource<DynamicType = ()>>(
     object: &K,
     type_: EventType,
     reason: &str,

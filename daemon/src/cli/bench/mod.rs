@@ -1,5 +1,6 @@
 //! `skillkv bench …`: benchmarks that print ratios measured side by side in one run.
 
+pub mod engine;
 pub mod skills;
 
 use clap::{Args, Subcommand};
@@ -15,6 +16,8 @@ pub struct BenchArgs {
 /// The benchmarks.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// The engine: prefill and decode throughput, cold vs cached time to first token.
+    Engine(engine::BenchEngineArgs),
     /// The skills workload: skill KV cache off vs on, and start-to-Ready with the node's store.
     Skills(skills::BenchSkillsArgs),
 }
@@ -22,6 +25,7 @@ pub enum BenchCommand {
 /// Runs `skillkv bench …`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
+        BenchCommand::Engine(args) => engine::run(&args)?,
         BenchCommand::Skills(args) => skills::run(&args)?,
     }
     Ok(())

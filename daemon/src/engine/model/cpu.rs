@@ -1,37 +1,64 @@
-//! The CPU backend on candle-core: weights requantized to Q8_0 at load time and multiplied with
-//! candle's quantized matmul (activations quantized per row to Q8_0, SIMD integer dot products,
-//! candle's thread pool), and the paged attention of [`attention`](super::attention).
+//! The CPU backend: weights requantized to Q8_0 at load time and multiplied by the kernels of
+//! [`matmul`](super::matmul) (f32 activations; 8-bit codes for decode rows, their exact dense
+//! copy for prefill chunks), and the paged attention of [`attention`](super::attention).
 //!
 //! Why Q8_0 for every weight: one weight format for prefill and decode keeps a row's numerics
 //! independent of the batch it runs in (reuse equals recompute, batching equals sequential), and
-//! Q8_0 is both the fastest of candle's x86 kernels and accurate (8 bits per weight, so
-//! requantizing Q4_1 weights is lossless up to rounding of the block scale).
+//! it is accurate (8 bits per weight, so requantizing Q4_1 weights is lossless up to rounding of
+//! the block scale) while halving decode's memory traffic against f16.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 
 use crate::engine::model::attention::{AttentionShape, ChunkRows, LayerKv, paged_attention};
 use crate::engine::model::backend::{Backend, BackendOpError, PrepareWeightError};
-
-/// Elements per Q8_0 block: input widths must be a multiple of it to use Q8_0.
-const Q8_0_BLOCK: usize = 32;
+use crate::engine::model::matmul::{Q8_BLOCK, Q8Matrix};
 
 /// Runs the model on the CPU.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
-/// A CPU weight: Q8_0 when the input width allows it, dense f32 otherwise.
+/// A CPU weight: Q8_0 (with its exact dense copy) when the input width allows it, dense f32
+/// otherwise.
 #[derive(Debug)]
-pub struct CpuLinear {
-    matmul: QMatMul,
-    out_features: usize,
+pub enum CpuLinear {
+    /// Q8_0 codes and scales, see [`Q8Matrix`].
+    Q8(Q8Matrix),
+    /// Dense `[outputs][inputs]` weights for input widths that are not a multiple of 32.
+    Dense {
+        /// The weights.
+        weights: Vec<f32>,
+        /// Output features.
+        outputs: usize,
+        /// Input features.
+        inputs: usize,
+    },
 }
 
 impl CpuLinear {
     /// Output features (rows of the weight).
     pub fn out_features(&self) -> usize {
-        self.out_features
+        match self {
+            Self::Q8(matrix) => matrix.outputs(),
+            Self::Dense { outputs, .. } => *outputs,
+        }
     }
+}
+
+/// `input [rows][inputs] · weightsᵀ`, one sequential dot product per output element.
+fn dense_matmul(weights: &[f32], inputs: usize, input: &[f32]) -> Vec<f32> {
+    let mut output =
+        Vec::with_capacity(input.len() / inputs.max(1) * (weights.len() / inputs.max(1)));
+    for row in input.chunks_exact(inputs) {
+        for weight in weights.chunks_exact(inputs) {
+            output.push(
+                row.iter()
+                    .zip(weight)
+                    .fold(0.0f32, |acc, (x, w)| x.mul_add(*w, acc)),
+            );
+        }
+    }
+    output
 }
 
 impl Backend for CpuBackend {
@@ -44,45 +71,49 @@ impl Backend for CpuBackend {
     fn prepare_linear(
         &self,
         name: &str,
-        mut parts: Vec<QTensor>,
+        parts: Vec<QTensor>,
     ) -> Result<CpuLinear, PrepareWeightError> {
         let error = |source| PrepareWeightError {
             tensor: name.to_string(),
             backend: "cpu",
             source: Box::new(source),
         };
-        let in_features = parts
+        let inputs = parts
             .first()
             .and_then(|part| part.shape().dims().get(1).copied())
             .unwrap_or(0);
-        let out_features = parts
+        let outputs = parts
             .iter()
             .map(|part| part.shape().dims().first().copied().unwrap_or(0))
             .sum();
-        let quantizable = in_features.is_multiple_of(Q8_0_BLOCK);
-        let already_q8_0 = parts.len() == 1 && parts[0].dtype() == GgmlDType::Q8_0;
-        let matmul = match parts.pop() {
-            Some(single) if already_q8_0 => QMatMul::from_qtensor(single).map_err(error)?,
-            last => {
-                parts.extend(last);
-                let dense = parts
-                    .iter()
-                    .map(|part| part.dequantize(&Device::Cpu))
-                    .collect::<candle_core::Result<Vec<Tensor>>>()
+        let q8_bytes = if parts.len() == 1 && parts[0].dtype() == GgmlDType::Q8_0 {
+            Some(parts[0].data().map_err(error)?.into_owned())
+        } else {
+            let dense = parts
+                .iter()
+                .map(|part| part.dequantize(&Device::Cpu))
+                .collect::<candle_core::Result<Vec<Tensor>>>()
+                .map_err(error)?;
+            let stacked = Tensor::cat(&dense, 0).map_err(error)?;
+            if inputs.is_multiple_of(Q8_BLOCK) {
+                let quantized = QTensor::quantize(&stacked, GgmlDType::Q8_0).map_err(error)?;
+                Some(quantized.data().map_err(error)?.into_owned())
+            } else {
+                let weights = stacked
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1())
                     .map_err(error)?;
-                let stacked = Tensor::cat(&dense, 0).map_err(error)?;
-                if quantizable {
-                    let quantized = QTensor::quantize(&stacked, GgmlDType::Q8_0).map_err(error)?;
-                    QMatMul::from_qtensor(quantized).map_err(error)?
-                } else {
-                    QMatMul::Tensor(stacked)
-                }
+                return Ok(CpuLinear::Dense {
+                    weights,
+                    outputs,
+                    inputs,
+                });
             }
         };
-        Ok(CpuLinear {
-            matmul,
-            out_features,
-        })
+        let bytes = q8_bytes.unwrap_or_default();
+        Q8Matrix::from_q8_0_bytes(&bytes, outputs, inputs)
+            .map(CpuLinear::Q8)
+            .map_err(|source| error(candle_core::Error::wrap(source)))
     }
 
     fn linear(
@@ -91,18 +122,26 @@ impl Backend for CpuBackend {
         input: Vec<f32>,
         rows: usize,
     ) -> Result<Vec<f32>, BackendOpError> {
-        let error = |source| BackendOpError {
-            backend: "cpu",
-            operation: "linear",
-            source: Box::new(source),
+        let expected = match weight {
+            CpuLinear::Q8(matrix) => matrix.inputs(),
+            CpuLinear::Dense { inputs, .. } => *inputs,
         };
-        let in_features = input.len() / rows.max(1);
-        let input = Tensor::from_vec(input, (rows, in_features), &Device::Cpu).map_err(error)?;
-        let output = weight.matmul.forward(&input).map_err(error)?;
-        output
-            .flatten_all()
-            .and_then(|t| t.to_vec1())
-            .map_err(error)
+        if input.len() != rows * expected {
+            return Err(BackendOpError {
+                backend: "cpu",
+                operation: "linear",
+                source: Box::new(candle_core::Error::Msg(format!(
+                    "input of {} values is not {rows} rows of {expected}",
+                    input.len()
+                ))),
+            });
+        }
+        Ok(match weight {
+            CpuLinear::Q8(matrix) => matrix.matmul(&input, rows),
+            CpuLinear::Dense {
+                weights, inputs, ..
+            } => dense_matmul(weights, *inputs, &input),
+        })
     }
 
     fn attention(

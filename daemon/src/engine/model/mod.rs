@@ -6,6 +6,7 @@ pub mod attention;
 pub mod backend;
 pub mod cpu;
 pub mod llama;
+pub mod matmul;
 pub mod ops;
 
 use std::path::Path;

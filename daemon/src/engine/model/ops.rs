@@ -28,8 +28,10 @@ pub fn add_in_place(residual: &mut [f32], delta: &[f32]) {
 }
 
 /// SwiGLU: each input row is `[gate (width) | up (width)]`; the output row is
-/// `silu(gate) * up`.
+/// `silu(gate) * up`, with `silu(g) = g / (1 + e^-g)` computed eight lanes at a time.
 pub fn silu_mul(gate_up: &[f32], width: usize) -> Vec<f32> {
+    const LANES: usize = 8;
+    let silu_times = |g: f32, e: f32, u: f32| g / (1.0 + e) * u;
     let rows = gate_up.len() / (2 * width);
     let mut output = vec![0.0; rows * width];
     for (row, out) in gate_up
@@ -37,8 +39,18 @@ pub fn silu_mul(gate_up: &[f32], width: usize) -> Vec<f32> {
         .zip(output.chunks_exact_mut(width))
     {
         let (gate, up) = row.split_at(width);
-        for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + (-g).exp()) * u;
+        let (gate_chunks, gate_tail) = gate.as_chunks::<LANES>();
+        let (up_chunks, up_tail) = up.as_chunks::<LANES>();
+        let (out_chunks, out_tail) = out.as_chunks_mut::<LANES>();
+        for ((o, g), u) in out_chunks.iter_mut().zip(gate_chunks).zip(up_chunks) {
+            let e = exp_lanes(g.map(|x| -x));
+            for lane in 0..LANES {
+                o[lane] = silu_times(g[lane], e[lane], u[lane]);
+            }
+        }
+        for ((o, g), u) in out_tail.iter_mut().zip(gate_tail).zip(up_tail) {
+            let [e] = exp_lanes([-g]);
+            *o = silu_times(*g, e, *u);
         }
     }
     output

@@ -11,6 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::SamplingParams;
+use crate::engine::model::ops::exp_lanes;
 
 /// Candidates sorted in the first round of top-p truncation.
 const FIRST_TOP_P_ROUND: usize = 64;
@@ -42,6 +43,8 @@ pub struct Sampler {
     candidates: Vec<(u32, f32)>,
     /// Distinct tokens of the context, for the repetition penalty.
     context_tokens: Vec<u32>,
+    /// Working space for the candidates' unnormalised probabilities.
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -59,6 +62,7 @@ impl Sampler {
             scores: Vec::new(),
             candidates: Vec::new(),
             context_tokens: Vec::new(),
+            weights: Vec::new(),
         }
     }
 
@@ -176,19 +180,20 @@ impl Sampler {
             .map(|&(_, score)| score)
             .fold(f32::NEG_INFINITY, f32::max);
         if top_p < 1.0 {
-            truncate_to_top_p(candidates, max_score, top_p);
+            truncate_to_top_p(candidates, &mut self.weights, max_score, top_p);
         }
         if min_p > 0.0 {
             // p >= min_p * p_max  <=>  score >= max_score + ln(min_p)
             let threshold = max_score + min_p.min(1.0).ln();
             candidates.retain(|&(_, score)| score >= threshold);
         }
-        let weights = candidates
-            .iter()
-            .map(|&(_, score)| f64::from(score - max_score).exp());
-        let total: f64 = weights.clone().sum();
+        let weights = &mut self.weights;
+        weights.clear();
+        weights.extend(candidates.iter().map(|&(_, score)| score));
+        let total = exp_shifted_in_place(weights, max_score);
         let mut remaining = self.rng.random::<f64>() * total;
-        for (&(token, _), weight) in candidates.iter().zip(weights) {
+        for (&(token, _), &weight) in candidates.iter().zip(weights.iter()) {
+            let weight = f64::from(weight);
             if remaining < weight {
                 return token;
             }
@@ -216,9 +221,16 @@ impl Sampler {
 /// Keeps the smallest set of most likely candidates whose probability reaches `top_p`, sorted
 /// most likely first. Sorts only as many candidates as needed (64, then 4× more per round), so a
 /// peaked distribution over a large vocabulary costs one linear pass, not a full sort.
-fn truncate_to_top_p(candidates: &mut Vec<(u32, f32)>, max_score: f32, top_p: f32) {
+fn truncate_to_top_p(
+    candidates: &mut Vec<(u32, f32)>,
+    scratch: &mut Vec<f32>,
+    max_score: f32,
+    top_p: f32,
+) {
     let weight = |score: f32| f64::from(score - max_score).exp();
-    let total: f64 = candidates.iter().map(|&(_, score)| weight(score)).sum();
+    scratch.clear();
+    scratch.extend(candidates.iter().map(|&(_, score)| score));
+    let total = exp_shifted_in_place(scratch, max_score);
     let target = f64::from(top_p.max(0.0)) * total;
     let mut head_len = FIRST_TOP_P_ROUND.min(candidates.len());
     loop {
@@ -260,16 +272,48 @@ fn argmax(scores: &[f32]) -> u32 {
     best as u32
 }
 
+/// Lanes of the vectorised exponentials below.
+const EXP_LANES: usize = 8;
+
+/// Replaces every value `s` by `e^(s - shift)` and returns their sum (in f64). The exponentials
+/// are computed eight at a time ([`exp_lanes`]): over a 49k-entry vocabulary this is tens of
+/// microseconds instead of the milliseconds of scalar `exp`.
+fn exp_shifted_in_place(values: &mut [f32], shift: f32) -> f64 {
+    let mut lane_sums = [0.0f64; EXP_LANES];
+    let (chunks, tail) = values.as_chunks_mut::<EXP_LANES>();
+    for chunk in chunks {
+        *chunk = exp_lanes(chunk.map(|value| value - shift));
+        for (sum, &value) in lane_sums.iter_mut().zip(chunk.iter()) {
+            *sum += f64::from(value);
+        }
+    }
+    let mut total: f64 = lane_sums.iter().sum();
+    for value in tail {
+        *value = (*value - shift).exp();
+        total += f64::from(*value);
+    }
+    total
+}
+
 /// `ln Σ exp(score)`, computed stably.
 fn log_sum_exp(scores: &[f32]) -> f32 {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         return max;
     }
-    let sum: f64 = scores
-        .iter()
-        .map(|&score| f64::from(score - max).exp())
-        .sum();
+    let mut lane_sums = [0.0f64; EXP_LANES];
+    let (chunks, tail) = scores.as_chunks::<EXP_LANES>();
+    for chunk in chunks {
+        let exps = exp_lanes(chunk.map(|score| score - max));
+        for (sum, value) in lane_sums.iter_mut().zip(exps) {
+            *sum += f64::from(value);
+        }
+    }
+    let sum: f64 = lane_sums.iter().sum::<f64>()
+        + tail
+            .iter()
+            .map(|&score| f64::from(score - max).exp())
+            .sum::<f64>();
     max + sum.ln() as f32
 }
 

@@ -1,0 +1,134 @@
+//! Row-wise and element-wise references: embedding gather, RMSNorm, SwiGLU, residual add and
+//! greedy argmax (kernels in `cuda/elementwise.cu`). The arithmetic matches the daemon's CPU
+//! ops (`daemon/src/engine/model/ops.rs`).
+
+/// Rows `table[token]` of `hidden` floats for each token, concatenated.
+///
+/// # Panics
+/// When a token is outside the table.
+pub fn embedding_gather(table: &[f32], hidden: usize, tokens: &[u32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(tokens.len() * hidden);
+    for &token in tokens {
+        let start = token as usize * hidden;
+        out.extend_from_slice(&table[start..start + hidden]);
+    }
+    out
+}
+
+/// Each row of `input` times `1 / sqrt(mean(row²) + eps)` times `weight` (one row is
+/// `weight.len()` wide).
+pub fn rms_norm(input: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let width = weight.len();
+    let mut output = vec![0.0; input.len()];
+    for (row, out) in input
+        .chunks_exact(width)
+        .zip(output.chunks_exact_mut(width))
+    {
+        let sum_squares: f32 = row.iter().map(|x| x * x).sum();
+        let scale = 1.0 / (sum_squares / width as f32 + eps).sqrt();
+        for ((o, x), w) in out.iter_mut().zip(row).zip(weight) {
+            *o = x * scale * w;
+        }
+    }
+    output
+}
+
+/// SwiGLU: input rows are `[gate (width) | up (width)]`, output rows `silu(gate) * up`.
+pub fn silu_mul(gate_up: &[f32], width: usize) -> Vec<f32> {
+    let mut output = Vec::with_capacity(gate_up.len() / 2);
+    for row in gate_up.chunks_exact(2 * width) {
+        let (gate, up) = row.split_at(width);
+        output.extend(gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+    }
+    output
+}
+
+/// `residual += delta`, element-wise.
+pub fn add_in_place(residual: &mut [f32], delta: &[f32]) {
+    for (r, d) in residual.iter_mut().zip(delta) {
+        *r += d;
+    }
+}
+
+/// For each row of `vocab` logits, the index of the largest non-NaN value, the lowest index on
+/// ties, 0 when every value is NaN. (The daemon's sampler agrees except for a NaN at index 0,
+/// which it keeps.)
+pub fn argmax(logits: &[f32], vocab: usize) -> Vec<u32> {
+    logits
+        .chunks_exact(vocab)
+        .map(|row| {
+            let mut best: Option<(usize, f32)> = None;
+            for (index, &value) in row.iter().enumerate() {
+                if value.is_nan() {
+                    continue;
+                }
+                if best.is_none_or(|(_, b)| value > b) {
+                    best = Some((index, value));
+                }
+            }
+            best.map_or(0, |(index, _)| index as u32)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedding_gather_copies_the_tokens_rows_in_order() {
+        let table: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        assert_eq!(
+            embedding_gather(&table, 3, &[2, 0, 2]),
+            vec![6.0, 7.0, 8.0, 0.0, 1.0, 2.0, 6.0, 7.0, 8.0]
+        );
+    }
+
+    #[test]
+    fn rms_norm_gives_unit_rms_times_weight() {
+        let out = rms_norm(&[3.0, 4.0, 0.0, 0.0], &[1.0, 2.0], 1e-6);
+        let scale = 1.0 / (12.5f32 + 1e-6).sqrt();
+        assert_eq!(out[0], 3.0 * scale);
+        assert_eq!(out[1], 4.0 * scale * 2.0);
+        assert_eq!(&out[2..], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn silu_mul_gates_up_by_silu_of_gate() {
+        let out = silu_mul(&[0.0, 2.0, 5.0, 7.0, -1.0, 1.0, 1.0, 1.0], 2);
+        assert_eq!(out[0], 0.0);
+        assert!((out[1] - 2.0 / (1.0 + (-2.0f32).exp()) * 7.0).abs() < 1e-6);
+        assert!((out[2] - -1.0 / (1.0 + 1.0f32.exp())).abs() < 1e-6);
+        assert!((out[3] - 1.0 / (1.0 + (-1.0f32).exp())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn add_in_place_adds_elementwise() {
+        let mut residual = vec![1.0, 2.0, 3.0];
+        add_in_place(&mut residual, &[0.5, -2.0, 0.0]);
+        assert_eq!(residual, vec![1.5, 0.0, 3.0]);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_maximum_and_skips_nan() {
+        let logits = [
+            1.0,
+            3.0,
+            3.0,
+            -1.0, // tie: first
+            f32::NAN,
+            -5.0,
+            f32::NAN,
+            -4.0, // NaN never wins
+            f32::NAN,
+            f32::NAN,
+            f32::NAN,
+            f32::NAN, // all NaN: 0
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        assert_eq!(argmax(&logits, 4), vec![1, 3, 0, 0]);
+    }
+}

@@ -1,0 +1,531 @@
+//! Every kernel against its CPU reference on random inputs, on the first CUDA device. Exact
+//! kernels (gathers, copies, RoPE, dequantization, argmax) must match bit for bit; kernels that
+//! reduce in another order or use the device's `expf` get relative bounds for f32. Without a
+//! device (or without libnvrtc) each test prints "skipped: no GPU" and passes.
+#![cfg(feature = "cuda")]
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
+};
+use half::f16;
+use skillkv_kernels::loader::{KernelLoader, LoadKernelError};
+use skillkv_kernels::probe;
+use skillkv_kernels::reference::attention::{AttentionShape, ChunkRows, paged_attention};
+use skillkv_kernels::reference::dequant::{self, BlockFormat};
+use skillkv_kernels::reference::kv::{self, KvShape, RowLayout};
+use skillkv_kernels::reference::{elementwise, rope, rope::RopeTable};
+use skillkv_kernels::registry::{self, BLOCK_SIZE};
+
+/// The device, a stream and the kernel loader.
+struct Gpu {
+    stream: Arc<CudaStream>,
+    loader: KernelLoader,
+}
+
+impl Gpu {
+    /// Device 0, or `None` (after printing why) when there is none or NVRTC is missing.
+    fn open() -> Option<Self> {
+        if let Err(error) = probe::device(0) {
+            println!("skipped: no GPU ({error})");
+            return None;
+        }
+        if let Err(error) = probe::nvrtc() {
+            println!("skipped: no GPU kernels without NVRTC ({error})");
+            return None;
+        }
+        let ctx = CudaContext::new(0).expect("open device 0");
+        let loader = KernelLoader::new(ctx.clone()).expect("kernel loader");
+        println!(
+            "device: {} ({})",
+            ctx.name().unwrap_or_default(),
+            loader.capability()
+        );
+        Some(Self {
+            stream: ctx.default_stream(),
+            loader,
+        })
+    }
+
+    fn function(&self, entry_point: &str) -> CudaFunction {
+        self.loader
+            .function(entry_point)
+            .unwrap_or_else(|error| panic!("{entry_point}: {error}"))
+    }
+
+    fn upload<T: DeviceRepr>(&self, host: &[T]) -> CudaSlice<T> {
+        self.stream.clone_htod(host).expect("upload")
+    }
+
+    fn download<T: DeviceRepr + Default + Clone>(&self, device: &CudaSlice<T>) -> Vec<T> {
+        self.stream.clone_dtoh(device).expect("download")
+    }
+}
+
+/// Launches the prepared kernel.
+#[allow(unsafe_code)]
+fn launch(args: &mut LaunchArgs<'_>, config: LaunchConfig) {
+    // SAFETY: FFI kernel launch: each test pushes exactly the arguments of the kernel's C
+    // signature (see the .cu sources), with device buffers sized for the grid it launches.
+    unsafe { args.launch(config) }.expect("launch");
+}
+
+fn grid(blocks: (u32, u32, u32), threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: blocks,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn elements(n: usize) -> LaunchConfig {
+    LaunchConfig::for_num_elems(n as u32)
+}
+
+/// SplitMix64: reproducible inputs without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-scale, scale).
+    fn f32s(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+            .collect()
+    }
+
+    fn below(&mut self, n: u32) -> u32 {
+        (self.next() % u64::from(n)) as u32
+    }
+}
+
+fn assert_close(what: &str, got: &[f32], expected: &[f32], relative: f32, absolute: f32) {
+    assert_eq!(got.len(), expected.len(), "{what}: length");
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        let bound = absolute + relative * e.abs();
+        assert!((g - e).abs() <= bound, "{what}[{i}]: GPU {g}, CPU {e}");
+    }
+}
+
+#[test]
+fn elementwise_kernels_match_their_references() {
+    let Some(gpu) = Gpu::open() else { return };
+    let mut rng = Rng(1);
+    let (rows, hidden, vocab) = (7usize, 576usize, 1000usize);
+    let (rows_i, hidden_i) = (rows as i32, hidden as i32);
+
+    let table = rng.f32s(vocab * hidden, 1.0);
+    let tokens: Vec<u32> = (0..rows).map(|_| rng.below(vocab as u32)).collect();
+    let (d_table, d_tokens) = (gpu.upload(&table), gpu.upload(&tokens));
+    let mut d_out = gpu.stream.alloc_zeros::<f32>(rows * hidden).unwrap();
+    let f = gpu.function("embedding_gather_f32");
+    let mut args = gpu.stream.launch_builder(&f);
+    args.arg(&d_table)
+        .arg(&d_tokens)
+        .arg(&mut d_out)
+        .arg(&rows_i)
+        .arg(&hidden_i);
+    launch(&mut args, grid((rows as u32, 1, 1), 128));
+    let embedded = gpu.download(&d_out);
+    assert_eq!(
+        embedded,
+        elementwise::embedding_gather(&table, hidden, &tokens)
+    );
+
+    let weight = rng.f32s(hidden, 2.0);
+    let eps = 1e-5f32;
+    let d_weight = gpu.upload(&weight);
+    let d_in = gpu.upload(&embedded);
+    let f = gpu.function("rms_norm_f32");
+    let mut args = gpu.stream.launch_builder(&f);
+    args.arg(&d_in)
+        .arg(&d_weight)
+        .arg(&mut d_out)
+        .arg(&rows_i)
+        .arg(&hidden_i)
+        .arg(&eps);
+    launch(&mut args, grid((rows as u32, 1, 1), 256));
+    let expected = elementwise::rms_norm(&embedded, &weight, eps);
+    assert_close("rms_norm", &gpu.download(&d_out), &expected, 1e-5, 1e-6);
+
+    let gate_up = rng.f32s(rows * 2 * hidden, 8.0);
+    let d_gate_up = gpu.upload(&gate_up);
+    let f = gpu.function("silu_mul_f32");
+    let mut args = gpu.stream.launch_builder(&f);
+    args.arg(&d_gate_up)
+        .arg(&mut d_out)
+        .arg(&rows_i)
+        .arg(&hidden_i);
+    launch(&mut args, elements(rows * hidden));
+    let expected = elementwise::silu_mul(&gate_up, hidden);
+    assert_close("silu_mul", &gpu.download(&d_out), &expected, 1e-5, 1e-6);
+
+    let mut residual = rng.f32s(rows * hidden, 4.0);
+    let delta = rng.f32s(rows * hidden, 4.0);
+    let mut d_residual = gpu.upload(&residual);
+    let d_delta = gpu.upload(&delta);
+    let n = (rows * hidden) as i32;
+    let f = gpu.function("add_in_place_f32");
+    let mut args = gpu.stream.launch_builder(&f);
+    args.arg(&mut d_residual).arg(&d_delta).arg(&n);
+    launch(&mut args, elements(rows * hidden));
+    elementwise::add_in_place(&mut residual, &delta);
+    assert_eq!(gpu.download(&d_residual), residual);
+
+    // Argmax with ties (a copied maximum), NaN and an all-NaN row.
+    let vocab_i = vocab as i32;
+    let mut logits = rng.f32s(rows * vocab, 10.0);
+    let best = logits[..vocab].iter().copied().fold(f32::MIN, f32::max);
+    logits[vocab - 1] = best;
+    logits[vocab + 3] = f32::NAN;
+    logits[2 * vocab..3 * vocab].fill(f32::NAN);
+    logits[3 * vocab..4 * vocab].fill(f32::NEG_INFINITY);
+    let d_logits = gpu.upload(&logits);
+    let mut d_argmax = gpu.stream.alloc_zeros::<u32>(rows).unwrap();
+    let f = gpu.function("argmax_f32");
+    let mut args = gpu.stream.launch_builder(&f);
+    args.arg(&d_logits)
+        .arg(&mut d_argmax)
+        .arg(&rows_i)
+        .arg(&vocab_i);
+    launch(&mut args, grid((rows as u32, 1, 1), 256));
+    assert_eq!(gpu.download(&d_argmax), elementwise::argmax(&logits, vocab));
+}
+
+#[test]
+fn rope_kernels_match_their_references_bit_for_bit() {
+    let Some(gpu) = Gpu::open() else { return };
+    let mut rng = Rng(2);
+    let (n_heads, n_kv_heads, head_dim) = (9usize, 3usize, 64usize);
+    let table = RopeTable::new(head_dim, 100_000.0, 2048);
+    let (d_cos, d_sin) = (gpu.upload(table.cos_table()), gpu.upload(table.sin_table()));
+
+    // Rotate the K heads inside fused QKV rows.
+    let rows = 13usize;
+    let stride = (n_heads + 2 * n_kv_heads) * head_dim;
+    let mut x = rng.f32s(rows * stride, 3.0);
+    let positions: Vec<u32> = (0..rows).map(|_| rng.below(2048)).collect();
+    let (mut d_x, d_positions) = (gpu.upload(&x), gpu.upload(&positions));
+    let args_i = [rows, stride, n_heads * head_dim, n_kv_heads, head_dim].map(|v| v as i32);
+    let f = gpu.function("rope_apply_f32");
+    let mut args = gpu.stream.launch_builder(&f);
+    args.arg(&mut d_x).arg(&d_positions).arg(&d_cos).arg(&d_sin);
+    for value in &args_i {
+        args.arg(value);
+    }
+    launch(&mut args, elements(rows * n_kv_heads * head_dim / 2));
+    table.apply(&mut x, &positions, stride, n_heads * head_dim, n_kv_heads);
+    assert_eq!(gpu.download(&d_x), x);
+
+    // Re-rotate positions 5..45 of a sequence by -3.
+    let shape = KvShape {
+        n_kv_heads,
+        head_dim,
+    };
+    let block_table = [4u32, 0, 2, 1];
+    let mut k_pool = rng.f32s(5 * shape.block_floats(), 2.0);
+    let rotation = table.delta(-3);
+    let (mut d_k, d_table) = (gpu.upload(&k_pool), gpu.upload(&block_table));
+    let (d_dcos, d_dsin) = (gpu.upload(&rotation.cos), gpu.upload(&rotation.sin));
+    let args_i = [5, 40, n_kv_heads as i32, head_dim as i32];
+    let f = gpu.function("rope_rerotate_k_f32");
+    let mut args = gpu.stream.launch_builder(&f);
+    args.arg(&mut d_k).arg(&d_table).arg(&d_dcos).arg(&d_dsin);
+    for value in &args_i {
+        args.arg(value);
+    }
+    launch(&mut args, elements(40 * n_kv_heads * head_dim / 2));
+    rope::rerotate_k(&mut k_pool, &block_table, 5, 40, shape, &rotation);
+    assert_eq!(gpu.download(&d_k), k_pool);
+}
+
+#[test]
+fn dequantization_kernels_match_their_references_bit_for_bit() {
+    let Some(gpu) = Gpu::open() else { return };
+    let mut rng = Rng(3);
+    let n_blocks = 301usize;
+    for format in BlockFormat::ALL {
+        // Random nibbles/bytes with finite f16 scales (and minimum).
+        let mut bytes = Vec::new();
+        for _ in 0..n_blocks {
+            let header = if format == BlockFormat::Q4_1 { 2 } else { 1 };
+            for value in rng.f32s(header, 0.1) {
+                bytes.extend(f16::from_f32(value).to_le_bytes());
+            }
+            let body = format.block_bytes() - 2 * header;
+            bytes.extend((0..body).map(|_| rng.next() as u8));
+        }
+        let d_bytes = gpu.upload(&bytes);
+        let n = n_blocks as i32;
+        let (f32_kernel, f16_kernel) = format.kernels();
+
+        let mut d_out = gpu.stream.alloc_zeros::<f32>(n_blocks * 32).unwrap();
+        let f = gpu.function(f32_kernel);
+        let mut args = gpu.stream.launch_builder(&f);
+        args.arg(&d_bytes).arg(&mut d_out).arg(&n);
+        launch(&mut args, elements(n_blocks * 32));
+        let expected = dequant::dequantize_f32(format, &bytes).unwrap();
+        let to_bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            to_bits(&gpu.download(&d_out)),
+            to_bits(&expected),
+            "{f32_kernel}"
+        );
+
+        let mut d_half = gpu.stream.alloc_zeros::<u16>(n_blocks * 32).unwrap();
+        let f = gpu.function(f16_kernel);
+        let mut args = gpu.stream.launch_builder(&f);
+        args.arg(&d_bytes).arg(&mut d_half).arg(&n);
+        launch(&mut args, elements(n_blocks * 32));
+        let expected: Vec<u16> = dequant::dequantize_f16(format, &bytes)
+            .unwrap()
+            .iter()
+            .map(|h| h.to_bits())
+            .collect();
+        assert_eq!(gpu.download(&d_half), expected, "{f16_kernel}");
+    }
+}
+
+#[test]
+fn kv_kernels_match_their_references_bit_for_bit() {
+    let Some(gpu) = Gpu::open() else { return };
+    let mut rng = Rng(4);
+    let shape = KvShape {
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+    let n_blocks = 9usize;
+    let mut k_pool = rng.f32s(n_blocks * shape.block_floats(), 1.0);
+    let mut v_pool = rng.f32s(n_blocks * shape.block_floats(), 1.0);
+    // Fused QKV rows: q (9 heads) | k | v; 21 rows to distinct random slots.
+    let q_width = 9 * shape.head_dim;
+    let layout = RowLayout {
+        stride: q_width + 2 * shape.width(),
+        k_offset: q_width,
+        v_offset: q_width + shape.width(),
+    };
+    let rows = 21usize;
+    let src = rng.f32s(rows * layout.stride, 3.0);
+    let mut slots: Vec<u32> = (0..(n_blocks * BLOCK_SIZE) as u32).collect();
+    for i in (1..slots.len()).rev() {
+        slots.swap(i, rng.below(i as u32 + 1) as usize);
+    }
+    slots.truncate(rows);
+    let (mut d_k, mut d_v) = (gpu.upload(&k_pool), gpu.upload(&v_pool));
+    let (d_src, d_slots) = (gpu.upload(&src), gpu.upload(&slots));
+    let args_i = [rows, layout.stride, layout.k_offset, layout.v_offset, 3, 64].map(|v| v as i32);
+    let f = gpu.function("kv_write_f32");
+    let mut args = gpu.stream.launch_builder(&f);
+    args.arg(&mut d_k).arg(&mut d_v).arg(&d_src).arg(&d_slots);
+    for value in &args_i {
+        args.arg(value);
+    }
+    launch(&mut args, elements(rows * shape.width()));
+    kv::write_kv(&mut k_pool, &mut v_pool, &src, &slots, layout, shape);
+    assert_eq!(gpu.download(&d_k), k_pool);
+    assert_eq!(gpu.download(&d_v), v_pool);
+
+    let (src_blocks, dst_blocks) = ([0u32, 5, 7], [3u32, 1, 8]);
+    let (d_srcb, d_dstb) = (gpu.upload(&src_blocks), gpu.upload(&dst_blocks));
+    let (pairs, block_floats) = (3i32, shape.block_floats() as i32);
+    let f = gpu.function("kv_block_copy_f32");
+    let mut args = gpu.stream.launch_builder(&f);
+    args.arg(&mut d_k)
+        .arg(&d_srcb)
+        .arg(&d_dstb)
+        .arg(&pairs)
+        .arg(&block_floats);
+    launch(&mut args, elements(3 * shape.block_floats()));
+    kv::copy_blocks(&mut k_pool, &src_blocks, &dst_blocks, shape.block_floats());
+    assert_eq!(gpu.download(&d_k), k_pool);
+}
+
+/// A pool of random K/V and block tables for `lens` sequences (distinct blocks each).
+fn attention_case(
+    rng: &mut Rng,
+    shape: AttentionShape,
+    lens: &[usize],
+) -> (Vec<f32>, Vec<f32>, Vec<Vec<u32>>) {
+    let blocks: usize = lens.iter().map(|l| l.div_ceil(BLOCK_SIZE)).sum();
+    let mut ids: Vec<u32> = (0..blocks as u32 + 3).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.below(i as u32 + 1) as usize);
+    }
+    let mut next = ids.into_iter();
+    let tables = lens
+        .iter()
+        .map(|l| next.by_ref().take(l.div_ceil(BLOCK_SIZE)).collect())
+        .collect();
+    let floats = (blocks + 3) * shape.kv().block_floats();
+    (rng.f32s(floats, 2.0), rng.f32s(floats, 2.0), tables)
+}
+
+/// Tables padded to one `[n][max_blocks]` array.
+fn padded(tables: &[Vec<u32>]) -> (Vec<u32>, i32) {
+    let max_blocks = tables.iter().map(Vec::len).max().unwrap_or(0);
+    let flat = tables
+        .iter()
+        .flat_map(|t| {
+            t.iter()
+                .copied()
+                .chain(std::iter::repeat(0))
+                .take(max_blocks)
+        })
+        .collect();
+    (flat, max_blocks as i32)
+}
+
+#[test]
+fn paged_attention_kernels_match_the_reference() {
+    let Some(gpu) = Gpu::open() else { return };
+    let mut rng = Rng(5);
+    for shape in [
+        AttentionShape {
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+        },
+        AttentionShape {
+            n_heads: 8,
+            n_kv_heads: 8,
+            head_dim: 80,
+        },
+        AttentionShape {
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+        },
+    ] {
+        let threads = registry::attention_threads(shape.head_dim).expect("supported head");
+        let dims = [shape.n_heads, shape.n_kv_heads, shape.head_dim].map(|v| v as i32);
+        let scale = shape.scale();
+
+        // Decode: one row per sequence, lengths across block boundaries.
+        let lens = [1usize, 16, 17, 200, 513];
+        let (k_pool, v_pool, tables) = attention_case(&mut rng, shape, &lens);
+        let queries = rng.f32s(lens.len() * shape.row_width(), 2.0);
+        let (flat, max_blocks) = padded(&tables);
+        let seq_lens: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+        let (d_q, d_k, d_v) = (
+            gpu.upload(&queries),
+            gpu.upload(&k_pool),
+            gpu.upload(&v_pool),
+        );
+        let (d_tables, d_lens) = (gpu.upload(&flat), gpu.upload(&seq_lens));
+        let mut d_out = gpu.stream.alloc_zeros::<f32>(queries.len()).unwrap();
+        let n_seqs = lens.len() as i32;
+        let f = gpu.function("paged_attention_decode_f32");
+        let mut args = gpu.stream.launch_builder(&f);
+        args.arg(&d_q)
+            .arg(&d_k)
+            .arg(&d_v)
+            .arg(&d_tables)
+            .arg(&d_lens)
+            .arg(&mut d_out);
+        args.arg(&n_seqs)
+            .arg(&max_blocks)
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&scale);
+        launch(
+            &mut args,
+            grid((lens.len() as u32, shape.n_heads as u32, 1), threads),
+        );
+        let chunks: Vec<ChunkRows<'_>> = lens
+            .iter()
+            .zip(&tables)
+            .enumerate()
+            .map(|(i, (&len, table))| ChunkRows {
+                first_row: i,
+                len: 1,
+                start_pos: len - 1,
+                block_table: table,
+            })
+            .collect();
+        let expected = paged_attention(shape, &queries, &chunks, &k_pool, &v_pool);
+        assert_close("decode", &gpu.download(&d_out), &expected, 1e-4, 1e-5);
+
+        // Prefill: chunks (first row, len, start) after cached prefixes, one starting at 0.
+        let specs = [
+            (0usize, 5usize, 0usize),
+            (5, 40, 23),
+            (45, 1, 300),
+            (46, 17, 16),
+        ];
+        let total_lens: Vec<usize> = specs.iter().map(|&(_, len, start)| start + len).collect();
+        let (k_pool, v_pool, tables) = attention_case(&mut rng, shape, &total_lens);
+        let rows = 63usize;
+        let queries = rng.f32s(rows * shape.row_width(), 2.0);
+        let (flat, max_blocks) = padded(&tables);
+        let column = |i: usize| {
+            specs
+                .iter()
+                .map(|s| [s.0, s.1, s.2][i] as u32)
+                .collect::<Vec<_>>()
+        };
+        let (d_first, d_len, d_start) = (
+            gpu.upload(&column(0)),
+            gpu.upload(&column(1)),
+            gpu.upload(&column(2)),
+        );
+        let (d_q, d_k, d_v) = (
+            gpu.upload(&queries),
+            gpu.upload(&k_pool),
+            gpu.upload(&v_pool),
+        );
+        let d_tables = gpu.upload(&flat);
+        let mut d_out = gpu.stream.alloc_zeros::<f32>(queries.len()).unwrap();
+        let n_chunks = specs.len() as i32;
+        let f = gpu.function("paged_attention_prefill_f32");
+        let mut args = gpu.stream.launch_builder(&f);
+        args.arg(&d_q)
+            .arg(&d_k)
+            .arg(&d_v)
+            .arg(&d_tables)
+            .arg(&d_first)
+            .arg(&d_len)
+            .arg(&d_start);
+        args.arg(&mut d_out).arg(&n_chunks).arg(&max_blocks);
+        args.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&scale);
+        launch(
+            &mut args,
+            grid((40, shape.n_heads as u32, specs.len() as u32), threads),
+        );
+        let chunks: Vec<ChunkRows<'_>> = specs
+            .iter()
+            .zip(&tables)
+            .map(|(&(first_row, len, start_pos), table)| ChunkRows {
+                first_row,
+                len,
+                start_pos,
+                block_table: table,
+            })
+            .collect();
+        let expected = paged_attention(shape, &queries, &chunks, &k_pool, &v_pool);
+        assert_close("prefill", &gpu.download(&d_out), &expected, 1e-4, 1e-5);
+    }
+}
+
+#[test]
+fn the_loader_loads_each_module_once_and_rejects_unknown_entry_points() {
+    let Some(gpu) = Gpu::open() else { return };
+    assert!(matches!(
+        gpu.loader.function("no_such_kernel"),
+        Err(LoadKernelError::UnknownEntryPoint { .. })
+    ));
+    for kernel in registry::KERNELS {
+        for entry_point in kernel.entry_points {
+            gpu.function(entry_point);
+        }
+    }
+}
