@@ -204,24 +204,40 @@ async fn preemption_under_a_tiny_pool_keeps_outputs_identical() {
 
 #[tokio::test]
 async fn cancellation_frees_blocks_at_once() {
-    let (engine, _) = start(FakeModel::new(), config(64));
+    // The gated model runs one forward pass per permit, so the sequence cannot finish on its
+    // own while the test looks at it, however the threads are scheduled.
+    let (model, permits) = FakeModel::gated();
+    let (engine, _) = start(model, config(64));
     let baseline = engine.kv_stats().await.expect("running");
     let mut stream = engine
         .submit(greedy("c", prompt(50, 9, FAKE_VOCAB), 1000))
         .expect("submit");
-    // Wait for a few tokens so that the sequence holds blocks.
+    // Three passes: the prefill and two decode steps, one token each.
+    for _ in 0..3 {
+        permits.send(()).expect("engine holds the gate");
+    }
     let mut tokens = 0;
     while tokens < 3 {
         if let Some(skillkv_daemon::engine::GenerationEvent::Token { .. }) = stream.recv().await {
             tokens += 1;
         }
     }
-    assert!(engine.kv_stats().await.expect("running").used > 0);
+    // The engine is now held inside its fourth pass. Queue the stats request first, then let
+    // that pass finish: the engine answers between passes, while the sequence still runs.
+    let (running, _) = tokio::join!(engine.kv_stats(), async {
+        permits.send(()).expect("engine holds the gate")
+    });
+    assert!(running.expect("running").used > 0);
+    // Dropping the stream queues its cancellation ahead of the next stats request.
     drop(stream);
-    let after = engine.kv_stats().await.expect("running");
+    let (after, _) = tokio::join!(engine.kv_stats(), async {
+        permits.send(()).expect("engine holds the gate")
+    });
+    let after = after.expect("running");
     assert_eq!(after.used, 0, "{after:?}");
     assert_eq!(after.free + after.cached + after.pinned, baseline.total);
     assert_idle(&engine).await;
+    drop(permits);
 
     // An explicit cancel answers with a Cancelled finish.
     let mut stream = engine

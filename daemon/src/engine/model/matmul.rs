@@ -4,7 +4,7 @@
 //! Two kernels compute the very same arithmetic:
 //! - decode rows (up to 31 rows, memory-bound) read the 8-bit codes and dequantize them on the
 //!   fly, in tiles of up to 8 rows;
-//! - prefill chunks (many rows, compute-bound) read a dense f32 copy of the same weights, made
+//! - prefill chunks (32 rows or more, compute-bound) read a dense f32 copy of the same weights, made
 //!   once at load time, in register tiles of 4 rows × 2 outputs.
 //!
 //! A code times its f16 scale is exact in f32 (8 + 11 significant bits), so both kernels see
