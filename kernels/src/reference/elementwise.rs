@@ -1,6 +1,7 @@
 //! Row-wise and element-wise references: embedding gather, RMSNorm, SwiGLU, residual add and
-//! greedy argmax (kernels in `cuda/elementwise.cu`). The arithmetic matches the daemon's CPU
-//! ops (`daemon/src/engine/model/ops.rs`).
+//! greedy argmax (kernels in `cuda/elementwise.cu`). The daemon's CPU backend uses `rms_norm`
+//! and `add_in_place` from here; its SwiGLU uses a vectorised `exp` and agrees with `silu_mul`
+//! within rounding, not bit for bit.
 
 /// Rows `table[token]` of `hidden` floats for each token, concatenated.
 ///

@@ -145,12 +145,20 @@ impl Q8Matrix {
         let output_blocks = self.outputs.div_ceil(ITEM_OUTPUTS);
         let items = row_blocks * output_blocks;
         let results: Vec<OnceLock<Vec<f32>>> = (0..items).map(|_| OnceLock::new()).collect();
-        let run = |index: usize| {
+        // (first row, rows, first output, outputs) of work item `index`.
+        let span = |index: usize| {
             let (row_block, output_block) = (index / output_blocks, index % output_blocks);
             let first_row = row_block * row_step;
-            let row_count = row_step.min(rows - first_row);
             let first_output = output_block * ITEM_OUTPUTS;
-            let output_count = ITEM_OUTPUTS.min(self.outputs - first_output);
+            (
+                first_row,
+                row_step.min(rows - first_row),
+                first_output,
+                ITEM_OUTPUTS.min(self.outputs - first_output),
+            )
+        };
+        let run = |index: usize| {
+            let (first_row, row_count, first_output, output_count) = span(index);
             let x = &input[first_row * self.inputs..(first_row + row_count) * self.inputs];
             let tile = if rows >= DENSE_FROM_ROWS {
                 self.dense_tile(x, row_count, first_output, output_count)
@@ -173,11 +181,9 @@ impl Q8Matrix {
             let Some(tile) = cell.into_inner() else {
                 continue;
             };
-            let (row_block, output_block) = (index / output_blocks, index % output_blocks);
-            let first_output = output_block * ITEM_OUTPUTS;
-            let output_count = ITEM_OUTPUTS.min(self.outputs - first_output);
+            let (first_row, _, first_output, output_count) = span(index);
             for (offset, values) in tile.chunks_exact(output_count).enumerate() {
-                let row = row_block * row_step + offset;
+                let row = first_row + offset;
                 let start = row * self.outputs + first_output;
                 output[start..start + output_count].copy_from_slice(values);
             }
@@ -232,7 +238,6 @@ impl Q8Matrix {
             let output = first_output + o;
             let codes = &self.codes[output * k..(output + 1) * k];
             let scales = &self.scales[output * blocks..(output + 1) * blocks];
-            let row = |i: usize| &x[i * k..(i + 1) * k];
             let mut r = 0;
             while r < row_count {
                 let rs = CODE_TILE_ROWS.min(row_count - r);
@@ -242,48 +247,26 @@ impl Q8Matrix {
                     }
                 };
                 match rs {
-                    8 => put(&code_kernel::<8>(
-                        std::array::from_fn(|i| row(r + i)),
-                        codes,
-                        scales,
-                    )),
-                    7 => put(&code_kernel::<7>(
-                        std::array::from_fn(|i| row(r + i)),
-                        codes,
-                        scales,
-                    )),
-                    6 => put(&code_kernel::<6>(
-                        std::array::from_fn(|i| row(r + i)),
-                        codes,
-                        scales,
-                    )),
-                    5 => put(&code_kernel::<5>(
-                        std::array::from_fn(|i| row(r + i)),
-                        codes,
-                        scales,
-                    )),
-                    4 => put(&code_kernel::<4>(
-                        std::array::from_fn(|i| row(r + i)),
-                        codes,
-                        scales,
-                    )),
-                    3 => put(&code_kernel::<3>(
-                        std::array::from_fn(|i| row(r + i)),
-                        codes,
-                        scales,
-                    )),
-                    2 => put(&code_kernel::<2>(
-                        std::array::from_fn(|i| row(r + i)),
-                        codes,
-                        scales,
-                    )),
-                    _ => put(&code_kernel::<1>([row(r)], codes, scales)),
+                    8 => put(&code_kernel::<8>(row_refs(x, k, r), codes, scales)),
+                    7 => put(&code_kernel::<7>(row_refs(x, k, r), codes, scales)),
+                    6 => put(&code_kernel::<6>(row_refs(x, k, r), codes, scales)),
+                    5 => put(&code_kernel::<5>(row_refs(x, k, r), codes, scales)),
+                    4 => put(&code_kernel::<4>(row_refs(x, k, r), codes, scales)),
+                    3 => put(&code_kernel::<3>(row_refs(x, k, r), codes, scales)),
+                    2 => put(&code_kernel::<2>(row_refs(x, k, r), codes, scales)),
+                    _ => put(&code_kernel::<1>(row_refs(x, k, r), codes, scales)),
                 }
                 r += rs;
             }
         }
         tile
     }
+}
+
+/// `R` consecutive `k`-wide rows of `x`, from row `first`.
+#[inline(always)]
+fn row_refs<const R: usize>(x: &[f32], k: usize, first: usize) -> [&[f32]; R] {
+    std::array::from_fn(|i| &x[(first + i) * k..(first + i + 1) * k])
 }
 
 /// The fixed final reduction of the eight lanes.

@@ -1,31 +1,12 @@
-//! Element-wise and row-wise operations of the Llama block on host memory: RMS norm, rotary
-//! position embedding tables, SwiGLU activation, residual adds and a vectorisable `exp`.
-//! Rows are contiguous `f32` slices of `width` values; every function is deterministic and
-//! treats each row independently, so a row's result never depends on the rest of the batch.
+//! Element-wise and row-wise operations of the Llama block on host memory: SwiGLU activation
+//! and a vectorisable `exp` here; RMS norm, residual adds and the rotary tables are the CUDA
+//! kernels' CPU references (`skillkv_kernels::reference`), re-exported so both backends share
+//! one definition. Rows are contiguous `f32` slices of `width` values; every function is
+//! deterministic and treats each row independently, so a row's result never depends on the
+//! rest of the batch.
 
-/// Normalises each row of `input` by its root mean square and scales it by `weight`.
-pub fn rms_norm(input: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
-    let width = weight.len();
-    let mut output = vec![0.0; input.len()];
-    for (row, out) in input
-        .chunks_exact(width)
-        .zip(output.chunks_exact_mut(width))
-    {
-        let sum_squares: f32 = row.iter().map(|x| x * x).sum();
-        let scale = 1.0 / (sum_squares / width as f32 + eps).sqrt();
-        for ((o, x), w) in out.iter_mut().zip(row).zip(weight) {
-            *o = x * scale * w;
-        }
-    }
-    output
-}
-
-/// Adds `delta` into `residual` element-wise.
-pub fn add_in_place(residual: &mut [f32], delta: &[f32]) {
-    for (r, d) in residual.iter_mut().zip(delta) {
-        *r += d;
-    }
-}
+pub use skillkv_kernels::reference::elementwise::{add_in_place, rms_norm};
+pub use skillkv_kernels::reference::rope::RopeTable;
 
 /// SwiGLU: each input row is `[gate (width) | up (width)]`; the output row is
 /// `silu(gate) * up`, with `silu(g) = g / (1 + e^-g)` computed eight lanes at a time.
@@ -54,55 +35,6 @@ pub fn silu_mul(gate_up: &[f32], width: usize) -> Vec<f32> {
         }
     }
     output
-}
-
-/// Cosine and sine of every rotary angle for positions `0 .. max_positions`, in the layout
-/// `[position][pair]` with `head_dim / 2` pairs.
-#[derive(Debug, Clone)]
-pub struct RopeTable {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    pairs: usize,
-}
-
-impl RopeTable {
-    /// Tables for `head_dim`-wide heads with base frequency `theta`.
-    pub fn new(head_dim: usize, theta: f32, max_positions: usize) -> Self {
-        let pairs = head_dim / 2;
-        let frequencies: Vec<f32> = (0..pairs)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
-        let mut cos = Vec::with_capacity(max_positions * pairs);
-        let mut sin = Vec::with_capacity(max_positions * pairs);
-        for position in 0..max_positions {
-            for frequency in &frequencies {
-                let angle = position as f32 * frequency;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Self { cos, sin, pairs }
-    }
-
-    /// Number of positions the table covers.
-    pub fn max_positions(&self) -> usize {
-        self.cos.len() / self.pairs.max(1)
-    }
-
-    /// Rotates every head of one token's row in place, GGUF/llama.cpp "normal" style: the
-    /// adjacent pairs `(x[2i], x[2i+1])` of each head turn by `position * theta^(-2i/d)`.
-    pub fn rotate(&self, row: &mut [f32], position: usize) {
-        let start = position * self.pairs;
-        let cos = &self.cos[start..start + self.pairs];
-        let sin = &self.sin[start..start + self.pairs];
-        for head in row.chunks_exact_mut(2 * self.pairs) {
-            for ((pair, c), s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
-                let (x0, x1) = (pair[0], pair[1]);
-                pair[0] = x0 * c - x1 * s;
-                pair[1] = x0 * s + x1 * c;
-            }
-        }
-    }
 }
 
 /// `e^x` for each lane, accurate to a few ULP for x in [-87, 88], exactly 0 for -∞ and very
