@@ -54,6 +54,49 @@ pub enum RunControllerError {
     LeadershipLost,
 }
 
+/// What `/readyz` reports: a standby (waiting for the Lease) is ready to take over; the leader
+/// is ready once every controller's watch has listed its objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Not leading: healthy, waiting for the Lease.
+    Standby,
+    /// Leading, and the controllers' watches have not finished their first list.
+    Syncing,
+    /// Leading with every watch synced.
+    Ready,
+}
+
+/// The shared readiness of this replica.
+#[derive(Debug, Clone)]
+pub struct ReadinessState(Arc<tokio::sync::watch::Sender<Readiness>>);
+
+impl Default for ReadinessState {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(
+            Readiness::Standby,
+        )))
+    }
+}
+
+impl ReadinessState {
+    /// The current readiness.
+    pub fn get(&self) -> Readiness {
+        *self.0.borrow()
+    }
+
+    /// Moves to `readiness`.
+    pub fn set(&self, readiness: Readiness) {
+        self.0.send_replace(readiness);
+    }
+}
+
+/// State of the health endpoints.
+#[derive(Debug, Clone)]
+struct HealthState {
+    metrics: Arc<Metrics>,
+    readiness: ReadinessState,
+}
+
 /// Initialises `tracing` in the format the settings ask for (`json` or `text`).
 pub fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -79,7 +122,8 @@ pub async fn run(settings: ControllerSettings) -> Result<(), RunControllerError>
             source,
         })?;
     tracing::info!(addr = %settings.metrics_addr, "serving /healthz, /readyz and /metrics");
-    let app = health_router(metrics.clone());
+    let readiness = ReadinessState::default();
+    let app = health_router(metrics.clone(), readiness.clone());
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(%error, "health endpoint stopped");
@@ -105,8 +149,9 @@ pub async fn run(settings: ControllerSettings) -> Result<(), RunControllerError>
     }
     tracing::info!(identity = %settings.identity, "leading: starting controllers");
 
+    readiness.set(Readiness::Syncing);
     let ctx = Arc::new(Context::new(client.clone(), settings, daemons, metrics));
-    let controllers = run_controllers(client, ctx);
+    let controllers = run_controllers(client, ctx, readiness);
     tokio::pin!(controllers);
     loop {
         tokio::select! {
@@ -147,16 +192,55 @@ async fn lease_failure(
     }
 }
 
-/// `/healthz` (alive), `/readyz` (serving) and `/metrics`.
-pub fn health_router(metrics: Arc<Metrics>) -> Router {
+/// `/healthz` (alive), `/readyz` (standby, or leading with synced watches) and `/metrics`.
+pub fn health_router(metrics: Arc<Metrics>, readiness: ReadinessState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { (StatusCode::OK, "ok") }))
-        .route("/readyz", get(|| async { (StatusCode::OK, "ok") }))
+        .route(
+            "/readyz",
+            get(|State(state): State<HealthState>| async move {
+                match state.readiness.get() {
+                    Readiness::Standby => (StatusCode::OK, "standby"),
+                    Readiness::Syncing => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "leading; watches not yet synced",
+                    ),
+                    Readiness::Ready => (StatusCode::OK, "ok"),
+                }
+            }),
+        )
         .route(
             "/metrics",
-            get(|State(metrics): State<Arc<Metrics>>| async move { metrics.render() }),
+            get(|State(state): State<HealthState>| async move { state.metrics.render() }),
         )
-        .with_state(metrics)
+        .with_state(HealthState { metrics, readiness })
+}
+
+/// Marks the replica ready once every store has seen its first complete list.
+async fn mark_ready_when_synced<A, B, C>(
+    readiness: ReadinessState,
+    stores: (
+        kube::runtime::reflector::Store<A>,
+        kube::runtime::reflector::Store<B>,
+        kube::runtime::reflector::Store<C>,
+    ),
+) where
+    A: kube::Resource + Clone + 'static,
+    A::DynamicType: std::hash::Hash + Eq + Clone,
+    B: kube::Resource + Clone + 'static,
+    B::DynamicType: std::hash::Hash + Eq + Clone,
+    C: kube::Resource + Clone + 'static,
+    C::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    let (a, b, c) = futures::join!(
+        stores.0.wait_until_ready(),
+        stores.1.wait_until_ready(),
+        stores.2.wait_until_ready()
+    );
+    if a.is_ok() && b.is_ok() && c.is_ok() {
+        tracing::info!("watches synced: ready");
+        readiness.set(Readiness::Ready);
+    }
 }
 
 fn model_of<K: ResourceExt>(
@@ -167,8 +251,9 @@ fn model_of<K: ResourceExt>(
     Some(ObjectRef::new(model).within(&namespace))
 }
 
-/// The three controllers, until a termination signal.
-async fn run_controllers(client: Client, ctx: Arc<Context>) {
+/// The three controllers, until a termination signal; `readiness` turns Ready once their
+/// watches have synced.
+async fn run_controllers(client: Client, ctx: Arc<Context>, readiness: ReadinessState) {
     let children = watcher::Config::default().labels(&format!(
         "{}={}",
         names::MANAGED_BY_LABEL,
@@ -178,72 +263,80 @@ async fn run_controllers(client: Client, ctx: Arc<Context>) {
     let models = Controller::new(
         Api::<DeserializeGuard<ModelDeployment>>::all(client.clone()),
         watcher::Config::default().any_semantic(),
-    )
-    .owns(Api::<Deployment>::all(client.clone()), children.clone())
-    .owns(Api::<Service>::all(client.clone()), children)
-    .watches(Api::<Pod>::all(client.clone()), pods, |pod| {
-        let model = pod.labels().get(names::MODEL_LABEL)?.clone();
-        model_of(&pod, &model)
-    })
-    .watches(
-        Api::<DeserializeGuard<Skill>>::all(client.clone()),
-        watcher::Config::default(),
-        |guard| {
-            guard
-                .0
-                .as_ref()
-                .ok()
-                .and_then(|skill| model_of(skill, &skill.spec.model_ref.name))
-        },
-    )
-    .watches(
-        Api::<DeserializeGuard<LoRAAdapter>>::all(client.clone()),
-        watcher::Config::default(),
-        |guard| {
-            guard
-                .0
-                .as_ref()
-                .ok()
-                .and_then(|adapter| model_of(adapter, &adapter.spec.model_ref.name))
-        },
-    )
-    .shutdown_on_signal()
-    .run(fleet::reconcile, fleet::error_policy, ctx.clone())
-    .for_each(|result| async move {
-        if let Err(error) = result {
-            tracing::debug!(%error, "ModelDeployment reconcile error");
-        }
-    });
-
+    );
     let skills = Controller::new(
         Api::<DeserializeGuard<Skill>>::all(client.clone()),
         watcher::Config::default().any_semantic(),
-    )
-    .shutdown_on_signal()
-    .run(
-        skill_finalizer::reconcile,
-        skill_finalizer::error_policy,
-        ctx.clone(),
-    )
-    .for_each(|result| async move {
-        if let Err(error) = result {
-            tracing::debug!(%error, "Skill reconcile error");
-        }
-    });
-
+    );
     let policies = Controller::new(
         Api::<DeserializeGuard<RateLimitPolicy>>::all(client.clone()),
         watcher::Config::default().any_semantic(),
-    )
-    .shutdown_on_signal()
-    .run(rate_limit::reconcile, rate_limit::error_policy, ctx)
-    .for_each(|result| async move {
-        if let Err(error) = result {
-            tracing::debug!(%error, "RateLimitPolicy reconcile error");
-        }
-    });
+    );
+    let synced = mark_ready_when_synced(
+        readiness,
+        (models.store(), skills.store(), policies.store()),
+    );
+    let models = models
+        .owns(Api::<Deployment>::all(client.clone()), children.clone())
+        .owns(Api::<Service>::all(client.clone()), children)
+        .watches(Api::<Pod>::all(client.clone()), pods, |pod| {
+            let model = pod.labels().get(names::MODEL_LABEL)?.clone();
+            model_of(&pod, &model)
+        })
+        .watches(
+            Api::<DeserializeGuard<Skill>>::all(client.clone()),
+            watcher::Config::default(),
+            |guard| {
+                guard
+                    .0
+                    .as_ref()
+                    .ok()
+                    .and_then(|skill| model_of(skill, &skill.spec.model_ref.name))
+            },
+        )
+        .watches(
+            Api::<DeserializeGuard<LoRAAdapter>>::all(client.clone()),
+            watcher::Config::default(),
+            |guard| {
+                guard
+                    .0
+                    .as_ref()
+                    .ok()
+                    .and_then(|adapter| model_of(adapter, &adapter.spec.model_ref.name))
+            },
+        )
+        .shutdown_on_signal()
+        .run(fleet::reconcile, fleet::error_policy, ctx.clone())
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "ModelDeployment reconcile error");
+            }
+        });
 
-    futures::join!(models, skills, policies);
+    let skills = skills
+        .shutdown_on_signal()
+        .run(
+            skill_finalizer::reconcile,
+            skill_finalizer::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "Skill reconcile error");
+            }
+        });
+
+    let policies = policies
+        .shutdown_on_signal()
+        .run(rate_limit::reconcile, rate_limit::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "RateLimitPolicy reconcile error");
+            }
+        });
+
+    // The readiness task finishes early; the controllers run until the signal.
+    futures::join!(models, skills, policies, synced);
 }
 
 #[cfg(test)]
@@ -278,10 +371,15 @@ mod tests {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("address");
-        let server =
-            tokio::spawn(async move { axum::serve(listener, health_router(metrics)).await });
+        let readiness = ReadinessState::default();
+        let app = health_router(metrics, readiness.clone());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
         assert_eq!(get(addr, "/healthz").await, (200, "ok".to_owned()));
+        assert_eq!(get(addr, "/readyz").await, (200, "standby".to_owned()));
+        readiness.set(Readiness::Syncing);
+        assert_eq!(get(addr, "/readyz").await.0, 503);
+        readiness.set(Readiness::Ready);
         assert_eq!(get(addr, "/readyz").await, (200, "ok".to_owned()));
         let (status, text) = get(addr, "/metrics").await;
         assert_eq!(status, 200);
@@ -294,5 +392,32 @@ mod tests {
         }
         assert_eq!(get(addr, "/nope").await.0, 404);
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn readiness_waits_for_every_store() {
+        use kube::runtime::reflector::store;
+        use kube::runtime::watcher::Event;
+        let readiness = ReadinessState::default();
+        readiness.set(Readiness::Syncing);
+        let (models, mut models_writer) = store::<Service>();
+        let (skills, mut skills_writer) = store::<Pod>();
+        let (policies, mut policies_writer) = store::<Deployment>();
+        let task = tokio::spawn(mark_ready_when_synced(
+            readiness.clone(),
+            (models, skills, policies),
+        ));
+        let mut changes = readiness.0.subscribe();
+        models_writer.apply_watcher_event(&Event::InitDone);
+        skills_writer.apply_watcher_event(&Event::InitDone);
+        tokio::task::yield_now().await;
+        assert_eq!(readiness.get(), Readiness::Syncing, "one store still lists");
+        policies_writer.apply_watcher_event(&Event::InitDone);
+        tokio::time::timeout(std::time::Duration::from_secs(5), changes.changed())
+            .await
+            .expect("ready in time")
+            .expect("sender alive");
+        assert_eq!(readiness.get(), Readiness::Ready);
+        task.await.expect("the readiness task ends");
     }
 }

@@ -5,10 +5,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use crate::engine::{EngineConfig, KvCacheSize};
-use crate::server::serving::SkillsSettings;
+use crate::server::serving::{ModelSettings, SkillsSettings};
 use crate::server::{self, Listeners, ServeConfig, ServeError};
 
 /// Environment variable with comma-separated API keys.
@@ -36,9 +36,19 @@ pub struct ServeArgs {
     /// With none, the API is open.
     #[arg(long)]
     pub api_keys_file: Option<PathBuf>,
-    /// KV cache budget in bytes.
-    #[arg(long, default_value_t = 512 * 1024 * 1024)]
-    pub kv_cache_bytes: usize,
+    /// KV cache budget in bytes [default: 536870912 (512 MiB) unless --kv-cache-fraction].
+    #[arg(long, conflicts_with = "kv_cache_fraction")]
+    pub kv_cache_bytes: Option<usize>,
+    /// KV cache budget as a fraction, in (0, 1], of the memory still available once the
+    /// weights are loaded (host MemAvailable, bounded by the container's cgroup limit).
+    #[arg(long, value_parser = parse_positive_fraction)]
+    pub kv_cache_fraction: Option<f64>,
+    /// Longest sequence (prompt plus completion) in tokens; at most the model's own.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(16..))]
+    pub context_length: Option<u32>,
+    /// Element type of the KV cache. The CPU backend stores f32 only.
+    #[arg(long, value_enum, default_value_t = KvDtypeArg::F32)]
+    pub kv_dtype: KvDtypeArg,
     /// Most tokens per forward batch.
     #[arg(long, default_value_t = 512)]
     pub max_batch_tokens: usize,
@@ -72,6 +82,40 @@ pub struct ServeArgs {
     pub kv_store: Option<PathBuf>,
 }
 
+/// `--kv-dtype` values (the ModelDeployment's `engine.kvDtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvDtypeArg {
+    /// 32-bit float.
+    F32,
+    /// 16-bit IEEE float.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl KvDtypeArg {
+    /// The flag value, e.g. `f16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The default KV cache budget, bytes.
+pub const DEFAULT_KV_CACHE_BYTES: usize = 512 * 1024 * 1024;
+
+fn parse_positive_fraction(text: &str) -> Result<f64, String> {
+    let value = parse_fraction(text)?;
+    if value > 0.0 {
+        Ok(value)
+    } else {
+        Err("must be above 0".to_string())
+    }
+}
+
 fn parse_fraction(text: &str) -> Result<f64, String> {
     let value: f64 = text
         .parse()
@@ -98,6 +142,12 @@ pub enum RunServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The KV element type is one this build's backend cannot store.
+    #[error(
+        "--kv-dtype {} is not supported: the CPU backend stores the KV cache as f32 (f16 and bf16 need the CUDA backend)",
+        .0.name()
+    )]
+    UnsupportedKvDtype(KvDtypeArg),
     /// The token file holds no token.
     #[error("the admin token file {0} is empty")]
     EmptyAdminToken(PathBuf),
@@ -140,6 +190,9 @@ fn parse_api_keys(file: Option<&str>, env: Option<&str>) -> Vec<String> {
 impl ServeArgs {
     /// The server configuration these flags describe.
     pub fn config(&self) -> Result<ServeConfig, RunServeError> {
+        if self.kv_dtype != KvDtypeArg::F32 {
+            return Err(RunServeError::UnsupportedKvDtype(self.kv_dtype));
+        }
         let model_path = match &self.model {
             Some(path) => path.clone(),
             None => default_model_path().ok_or(RunServeError::NoModelPath)?,
@@ -164,11 +217,15 @@ impl ServeArgs {
             admin_token,
             api_keys: parse_api_keys(keys_file.as_deref(), keys_env.as_deref()),
             engine: EngineConfig {
-                kv_cache: KvCacheSize::Bytes(self.kv_cache_bytes),
+                kv_cache: KvCacheSize::Bytes(self.kv_cache_bytes.unwrap_or(DEFAULT_KV_CACHE_BYTES)),
                 max_batch_tokens: self.max_batch_tokens,
                 max_seqs: self.max_seqs,
                 max_waiting: self.max_waiting,
                 ..EngineConfig::default()
+            },
+            model: ModelSettings {
+                context_length: self.context_length.map(|tokens| tokens as usize),
+                kv_cache_fraction: self.kv_cache_fraction,
             },
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_secs(self.request_timeout),
@@ -207,5 +264,58 @@ mod tests {
         let keys = parse_api_keys(Some("# comment\nalpha\n\n beta \n"), Some("gamma, ,delta"));
         assert_eq!(keys, ["alpha", "beta", "gamma", "delta"]);
         assert!(parse_api_keys(None, None).is_empty());
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .map(|cli| cli.serve)
+    }
+
+    #[test]
+    fn engine_sizing_flags_reach_the_config() {
+        let args = parse(&[
+            "--model=/m.gguf",
+            "--kv-cache-fraction=0.25",
+            "--context-length=4096",
+            "--kv-dtype=f32",
+        ])
+        .expect("valid flags");
+        let config = args.config().expect("config");
+        assert_eq!(config.model.kv_cache_fraction, Some(0.25));
+        assert_eq!(config.model.context_length, Some(4096));
+        let defaults = parse(&["--model=/m.gguf"]).expect("defaults").config();
+        let defaults = defaults.expect("config");
+        assert_eq!(defaults.model, ModelSettings::default());
+        assert_eq!(
+            defaults.engine.kv_cache,
+            KvCacheSize::Bytes(DEFAULT_KV_CACHE_BYTES)
+        );
+    }
+
+    #[test]
+    fn bad_engine_sizing_flags_are_refused() {
+        for bad in [
+            &["--kv-cache-fraction=0"][..],
+            &["--kv-cache-fraction=1.5"],
+            &["--kv-cache-fraction=0.5", "--kv-cache-bytes=1048576"],
+            &["--context-length=8"],
+            &["--kv-dtype=f64"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
+        let f16 = parse(&["--model=/m.gguf", "--kv-dtype=f16"]).expect("parses");
+        let error = f16.config().expect_err("f16 is refused on the CPU backend");
+        let message = error.to_string();
+        assert!(
+            message.contains("--kv-dtype f16") && message.contains("f32"),
+            "{message}"
+        );
     }
 }

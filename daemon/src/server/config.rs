@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::engine::EngineConfig;
-use crate::server::serving::SkillsSettings;
+use crate::server::serving::{ModelSettings, SkillsSettings};
 
 /// Everything `serve` needs to know.
 #[derive(Debug, Clone)]
@@ -24,6 +24,8 @@ pub struct ServeConfig {
     pub api_keys: Vec<String>,
     /// Engine limits (the cache namespace's digests are filled in from the model).
     pub engine: EngineConfig,
+    /// Context length and KV pool sizing relative to the machine.
+    pub model: ModelSettings,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Longest a request may take, streaming included.
@@ -50,6 +52,7 @@ impl Default for ServeConfig {
             admin_token: None,
             api_keys: Vec::new(),
             engine: EngineConfig::default(),
+            model: ModelSettings::default(),
             max_body_bytes: 4 * 1024 * 1024,
             request_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),

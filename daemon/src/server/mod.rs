@@ -186,9 +186,11 @@ async fn load_in_background(state: AppState) -> Result<(), ServeError> {
     let path = state.config.model_path.clone();
     let engine = state.config.engine.clone();
     let settings = state.config.skills.clone();
-    let serving = tokio::task::spawn_blocking(move || Serving::load(&path, engine, &settings))
-        .await
-        .map_err(ServeError::LoadThread)??;
+    let model = state.config.model;
+    let serving =
+        tokio::task::spawn_blocking(move || Serving::load_with(&path, engine, &settings, model))
+            .await
+            .map_err(ServeError::LoadThread)??;
     if !skills.is_empty() {
         tracing::info!(
             skills = skills.len(),

@@ -15,6 +15,7 @@ use crate::engine::tokenizer::{BuildTokenizerError, GgufTokenizer};
 use crate::engine::{Engine, EngineConfig, EngineHandle, KvCacheSize};
 use crate::skills::store::OpenSkillStoreError;
 use crate::skills::{DesiredStateManager, SkillRegistry, SkillStore, SkillsConfig, StoreIdentity};
+use crate::telemetry::memory::{MemorySources, ReadAvailableMemoryError, available_memory};
 
 /// How the skills of a served model are kept.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +33,19 @@ impl Default for SkillsSettings {
             store_dir: None,
         }
     }
+}
+
+/// How the model and its KV pool are sized (`skillkv serve --context-length`,
+/// `--kv-cache-fraction`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ModelSettings {
+    /// Caps the context length below the model's own; a larger value keeps the model's (with a
+    /// warning: RoPE beyond the trained length degrades output).
+    pub context_length: Option<usize>,
+    /// Sizes the KV pool as this fraction of the memory still available once the weights are
+    /// loaded (host `MemAvailable`, bounded by the cgroup limit), replacing the engine's
+    /// `kv_cache`.
+    pub kv_cache_fraction: Option<f64>,
 }
 
 /// Why the model could not be made ready.
@@ -52,6 +66,9 @@ pub enum LoadServingError {
     /// The skill KV store could not be opened.
     #[error(transparent)]
     Store(#[from] OpenSkillStoreError),
+    /// `--kv-cache-fraction` needs the available memory, which could not be read.
+    #[error("sizing the KV cache from the available memory failed")]
+    AvailableMemory(#[from] ReadAvailableMemoryError),
 }
 
 /// The loaded model and its running engine.
@@ -89,10 +106,44 @@ impl Serving {
     /// skills get `pinned_fraction` of the KV pool. Must run inside a Tokio runtime.
     pub fn load(
         path: &Path,
-        mut engine_config: EngineConfig,
+        engine_config: EngineConfig,
         skills: &SkillsSettings,
     ) -> Result<Self, LoadServingError> {
-        let loaded = LlamaModel::load(path, &LoadOptions::default())?;
+        Self::load_with(path, engine_config, skills, ModelSettings::default())
+    }
+
+    /// [`Serving::load`] with the model's context length and KV pool sized by `model`.
+    pub fn load_with(
+        path: &Path,
+        mut engine_config: EngineConfig,
+        skills: &SkillsSettings,
+        model: ModelSettings,
+    ) -> Result<Self, LoadServingError> {
+        let options = LoadOptions {
+            max_context: model.context_length,
+        };
+        let loaded = LlamaModel::load(path, &options)?;
+        if let Some(requested) = model.context_length
+            && requested > loaded.config.context_length
+        {
+            tracing::warn!(
+                requested,
+                context_length = loaded.config.context_length,
+                "the requested context length exceeds the model's; using the model's"
+            );
+        }
+        if let Some(fraction) = model.kv_cache_fraction {
+            let available = available_memory(&MemorySources::default())?;
+            let bytes = (available.bytes as f64 * fraction.clamp(0.0, 1.0)) as usize;
+            tracing::info!(
+                fraction,
+                available_bytes = available.bytes,
+                cgroup_limited = available.cgroup_limited,
+                kv_cache_bytes = bytes,
+                "KV cache sized from the memory available after the weights"
+            );
+            engine_config.kv_cache = KvCacheSize::Bytes(bytes);
+        }
         let tokenizer = Arc::new(GgufTokenizer::from_gguf(&loaded.gguf)?);
         let template = Arc::new(ChatTemplate::from_gguf(&loaded.gguf)?);
         let bytes_per_block = KvPool::bytes_per_block(&loaded.config).max(1);

@@ -5,6 +5,8 @@
 //! Critical XID errors (the driver's reports of GPU faults) arrive as NVML events: a watcher
 //! thread waits on an event set registered for every device and counts them per device.
 
+pub mod memory;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 

@@ -102,7 +102,7 @@ fn the_daemon_parses_the_generated_arguments_into_the_spec_values() {
     assert_eq!(i32::from(serve.port), names::DAEMON_PUBLIC_PORT);
     assert_eq!(i32::from(serve.admin_port), names::DAEMON_ADMIN_PORT);
     assert_eq!(serve.model, Some(PathBuf::from("/models/llama-q4.gguf")));
-    assert_eq!(serve.kv_cache_bytes, 2_147_483_648);
+    assert_eq!(serve.kv_cache_bytes, Some(2_147_483_648));
     assert_eq!(serve.pinned_fraction, 0.25);
     assert_eq!(serve.max_batch_tokens, 1024);
     assert_eq!(serve.max_seqs, 32);
@@ -230,17 +230,48 @@ fn the_paths_and_ports_in_the_flags_are_mounted_and_exposed() {
 }
 
 #[test]
-fn engine_settings_without_a_daemon_flag_are_named_and_not_passed() {
+fn sizing_settings_reach_the_daemon_flags() {
     let md = model(json!({
         "model": {"uri": "file:///m.gguf"},
-        "engine": {"kvCacheFraction": 0.9, "contextLength": 4096, "kvDtype": "f16", "blockSize": 16}
+        "engine": {"kvCacheFraction": 0.9, "contextLength": 4096, "kvDtype": "f32", "blockSize": 16}
     }));
-    assert_eq!(
-        unsupported_engine_settings(&md),
-        ["kvCacheFraction", "contextLength", "kvDtype"]
-    );
-    let args = daemon(&pod(&md)).args.clone().expect("args");
-    parse(&args);
-    assert_eq!(args.len(), 6, "only the fixed flags: {args:?}");
-    assert!(unsupported_engine_settings(&full_model()).is_empty());
+    let mut args = daemon(&pod(&md)).args.clone().expect("args");
+    // The token file exists only in the pod.
+    args.retain(|arg| !arg.starts_with("--admin-token-file"));
+    let serve = parse(&args);
+    assert_eq!(serve.kv_cache_fraction, Some(0.9));
+    assert_eq!(serve.kv_cache_bytes, None);
+    assert_eq!(serve.context_length, Some(4096));
+    let config = serve.config().expect("the daemon accepts the settings");
+    assert_eq!(config.model.kv_cache_fraction, Some(0.9));
+    assert_eq!(config.model.context_length, Some(4096));
+}
+
+#[test]
+fn a_kv_dtype_the_daemon_cannot_store_is_refused_before_rollout() {
+    for dtype in ["f16", "bf16"] {
+        let md = model(json!({
+            "model": {"uri": "file:///m.gguf"},
+            "engine": {"kvDtype": dtype}
+        }));
+        let error = build_daemon_deployment(&md, CONFIG).expect_err("refused");
+        assert!(
+            matches!(error, BuildChildrenError::UnsupportedKvDtype(name) if name == dtype),
+            "{error}"
+        );
+        // The daemon refuses the same value, so the operator never rolls out a crashing pod.
+        let mut args = daemon_args(&md, "/models/m.gguf");
+        args.retain(|arg| !arg.starts_with("--admin-token-file"));
+        assert!(
+            parse(&args).config().is_err(),
+            "the daemon accepted --kv-dtype={dtype}"
+        );
+    }
+    for supported in SUPPORTED_KV_DTYPES {
+        let md = model(json!({
+            "model": {"uri": "file:///m.gguf"},
+            "engine": {"kvDtype": supported}
+        }));
+        check_engine_settings(&md).expect("supported");
+    }
 }

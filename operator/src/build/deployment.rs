@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
-use skillkv_api::v1alpha1::ModelDeployment;
+use skillkv_api::v1alpha1::{KvDtype, ModelDeployment};
 
 use super::model_source::{ModelFetch, host_path_volume, resolve_model_uri};
 use super::{BuildChildrenError, child_metadata};
@@ -41,8 +41,8 @@ pub struct DaemonPoolConfig<'a> {
 }
 
 /// The arguments of `skillkv serve` in a daemon pod (`daemon/src/cli/serve.rs` defines them),
-/// without `--kv-store`, which comes with the persistence volume. Engine settings the daemon has
-/// no flag for are left out; [`unsupported_engine_settings`] names them.
+/// without `--kv-store`, which comes with the persistence volume. Unset engine settings are left
+/// to the daemon's defaults.
 pub fn daemon_args(model: &ModelDeployment, model_path: &str) -> Vec<String> {
     let token_path = format!("{}/{}", names::ADMIN_TOKEN_MOUNT, names::ADMIN_TOKEN_KEY);
     let mut args = vec![
@@ -57,6 +57,15 @@ pub fn daemon_args(model: &ModelDeployment, model_path: &str) -> Vec<String> {
     if let Some(bytes) = engine.kv_cache_bytes {
         args.push(format!("--kv-cache-bytes={bytes}"));
     }
+    if let Some(fraction) = engine.kv_cache_fraction {
+        args.push(format!("--kv-cache-fraction={fraction}"));
+    }
+    if let Some(tokens) = engine.context_length {
+        args.push(format!("--context-length={tokens}"));
+    }
+    if let Some(dtype) = engine.kv_dtype {
+        args.push(format!("--kv-dtype={}", kv_dtype_flag(dtype)));
+    }
     if let Some(fraction) = engine.pinned_fraction {
         args.push(format!("--pinned-fraction={fraction}"));
     }
@@ -69,21 +78,32 @@ pub fn daemon_args(model: &ModelDeployment, model_path: &str) -> Vec<String> {
     args
 }
 
-/// The `spec.engine` fields set on `model` that this daemon version has no flag for and so
-/// ignores (it uses its defaults: a 512 MiB KV cache, the model's context length, its own KV
-/// element type). `blockSize` is not among them: the schema allows only 16, the daemon's size.
-pub fn unsupported_engine_settings(model: &ModelDeployment) -> Vec<&'static str> {
-    let Some(engine) = &model.spec.engine else {
-        return Vec::new();
-    };
-    [
-        ("kvCacheFraction", engine.kv_cache_fraction.is_some()),
-        ("contextLength", engine.context_length.is_some()),
-        ("kvDtype", engine.kv_dtype.is_some()),
-    ]
-    .into_iter()
-    .filter_map(|(field, set)| set.then_some(field))
-    .collect()
+/// The KV element types this daemon version can store (its CPU backend: f32 only).
+pub const SUPPORTED_KV_DTYPES: &[KvDtype] = &[KvDtype::F32];
+
+/// The flag value of a KV element type.
+fn kv_dtype_flag(dtype: KvDtype) -> &'static str {
+    match dtype {
+        KvDtype::F32 => "f32",
+        KvDtype::F16 => "f16",
+        KvDtype::Bf16 => "bf16",
+    }
+}
+
+/// Refuses engine settings the daemon would reject at start, so that a pool is never rolled
+/// onto pods that crash: today a `kvDtype` other than f32.
+pub fn check_engine_settings(model: &ModelDeployment) -> Result<(), BuildChildrenError> {
+    let requested = model
+        .spec
+        .engine
+        .as_ref()
+        .and_then(|engine| engine.kv_dtype);
+    match requested {
+        Some(dtype) if !SUPPORTED_KV_DTYPES.contains(&dtype) => {
+            Err(BuildChildrenError::UnsupportedKvDtype(kv_dtype_flag(dtype)))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Builds the daemon Deployment of a ModelDeployment.
@@ -96,6 +116,7 @@ pub fn build_daemon_deployment(
         .name
         .clone()
         .ok_or(BuildChildrenError::MissingMetadata("name"))?;
+    check_engine_settings(model)?;
     let spec = &model.spec;
     let image = spec.image.as_deref().unwrap_or(config.default_image);
     let served_name = spec.served_name.as_deref().unwrap_or(&name);

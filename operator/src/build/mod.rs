@@ -6,8 +6,8 @@ mod deployment;
 mod model_source;
 
 pub use deployment::{
-    DAEMON_LOG_FORMAT_ENV, DaemonPoolConfig, KV_STORE_MOUNT, build_daemon_deployment, daemon_args,
-    unsupported_engine_settings,
+    DAEMON_LOG_FORMAT_ENV, DaemonPoolConfig, KV_STORE_MOUNT, SUPPORTED_KV_DTYPES,
+    build_daemon_deployment, check_engine_settings, daemon_args,
 };
 pub use model_source::{
     ModelFetch, ModelMount, ResolveModelUriError, resolve_model_uri, served_model_path,
@@ -33,6 +33,11 @@ pub enum BuildChildrenError {
     /// `model.uri` cannot be mounted, or `servedName` cannot name the model file.
     #[error(transparent)]
     ModelUri(#[from] ResolveModelUriError),
+    /// `engine.kvDtype` names an element type the daemon cannot store.
+    #[error(
+        "engine.kvDtype {0} is not supported by this daemon version (its CPU backend stores the KV cache as f32)"
+    )]
+    UnsupportedKvDtype(&'static str),
 }
 
 /// The owner reference every child carries (controller, blocks owner deletion).

@@ -78,10 +78,6 @@ pub async fn apply_children(
             fetch_image: settings.model_fetch_image.as_deref(),
         },
     )?;
-    let ignored = build::unsupported_engine_settings(model);
-    if !ignored.is_empty() {
-        tracing::warn!(model = %model.name_any(), %namespace, fields = ?ignored, "engine settings this daemon version has no flag for are ignored");
-    }
     let service = build::build_daemon_service(model)?;
     let pool = names::daemon_pool_name(&model.name_any());
 

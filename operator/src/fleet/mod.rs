@@ -91,6 +91,7 @@ impl ReconcileError {
                 ..
             })) => "InvalidServedName",
             Self::Build(BuildChildrenError::ModelUri(_)) => "InvalidModelUri",
+            Self::Build(BuildChildrenError::UnsupportedKvDtype(_)) => "UnsupportedKvDtype",
             Self::Build(_) => "InvalidSpec",
             Self::AdminTokenMissing { .. } => "AdminTokenMissing",
             Self::NoNamespace => "InvalidSpec",

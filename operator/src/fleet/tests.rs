@@ -284,6 +284,56 @@ async fn an_apply_conflict_fails_the_reconcile_and_sets_degraded() {
 }
 
 #[tokio::test]
+async fn an_unsupported_kv_dtype_is_degraded_and_never_applied() {
+    let (ctx, mut api, _daemons) = Context::test();
+    let mut spec = model_json();
+    spec["spec"]["engine"] = json!({"kvDtype": "f16"});
+    let model: ModelDeployment = serde_json::from_value(spec.clone()).expect("model parses");
+    let task = tokio::spawn(reconcile(
+        Arc::new(DeserializeGuard(Ok(model))),
+        ctx.clone(),
+    ));
+    let ((status, event), result) = run(
+        async {
+            api.expect(
+                Method::GET,
+                "/api/v1/namespaces/team/secrets/llm-admin-token",
+                200,
+                secret_json(),
+            )
+            .await;
+            // No Deployment patch: the next request is the status.
+            let status = api
+                .expect(
+                    Method::PATCH,
+                    "/apis/skillkv.io/v1alpha1/namespaces/team/modeldeployments/llm/status",
+                    200,
+                    spec.clone(),
+                )
+                .await;
+            let event = api
+                .expect_echo(
+                    Method::POST,
+                    "/apis/events.k8s.io/v1/namespaces/team/events",
+                )
+                .await;
+            (status, event)
+        },
+        task,
+    )
+    .await;
+    assert_eq!(event["reason"], "UnsupportedKvDtype");
+    assert_eq!(result.expect_err("refused").reason(), "UnsupportedKvDtype");
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "UnsupportedKvDtype");
+    assert!(
+        degraded["message"].as_str().unwrap_or("").contains("f16"),
+        "{degraded}"
+    );
+}
+
+#[tokio::test]
 async fn an_unreachable_daemon_keeps_its_placement_and_degrades_the_skill() {
     let (ctx, mut api, daemons) = Context::test();
     daemons.insert("llm-0", FakeDaemon::Down);
