@@ -15,24 +15,8 @@ use skillkv_api::v1alpha1::ModelDeployment;
 use skillkv_daemon::cli::serve::{API_KEYS_ENV, ServeArgs};
 use skillkv_daemon::cli::{Cli, Command};
 
+use super::tests::{CONFIG, model};
 use super::*;
-
-const CONFIG: DaemonPoolConfig<'static> = DaemonPoolConfig {
-    default_image: "ghcr.io/skillkv/skillkv:0.1.0",
-    pull_policy: "IfNotPresent",
-    pull_secrets: &[],
-    model_cache_dir: "/var/cache/skillkv/models",
-    fetch_image: None,
-};
-
-fn model(spec: serde_json::Value) -> ModelDeployment {
-    serde_json::from_value(json!({
-        "apiVersion": "skillkv.io/v1alpha1", "kind": "ModelDeployment",
-        "metadata": {"name": "llm", "namespace": "team", "uid": "uid-llm"},
-        "spec": spec,
-    }))
-    .expect("valid ModelDeployment")
-}
 
 fn full_model() -> ModelDeployment {
     model(json!({

@@ -5,7 +5,7 @@ use super::*;
 use serde_json::json;
 use skillkv_api::v1alpha1::ModelDeployment;
 
-const CONFIG: DaemonPoolConfig<'static> = DaemonPoolConfig {
+pub(super) const CONFIG: DaemonPoolConfig<'static> = DaemonPoolConfig {
     default_image: "ghcr.io/skillkv/skillkv:0.1.0",
     pull_policy: "IfNotPresent",
     pull_secrets: &[],
@@ -13,7 +13,7 @@ const CONFIG: DaemonPoolConfig<'static> = DaemonPoolConfig {
     fetch_image: None,
 };
 
-fn model(spec: serde_json::Value) -> ModelDeployment {
+pub(super) fn model(spec: serde_json::Value) -> ModelDeployment {
     serde_json::from_value(json!({
         "apiVersion": "skillkv.io/v1alpha1", "kind": "ModelDeployment",
         "metadata": {"name": "llm", "namespace": "team", "uid": "0b6f-uid"},

@@ -63,15 +63,31 @@ pub(crate) fn secret_json() -> Value {
            "data": {"token": "czNjcjN0"}}) // "s3cr3t"
 }
 
+pub(crate) const SECRET_PATH: &str = "/api/v1/namespaces/team/secrets/llm-admin-token";
+const MODEL_STATUS_PATH: &str =
+    "/apis/skillkv.io/v1alpha1/namespaces/team/modeldeployments/llm/status";
+const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/team/events";
+
+/// Answers the admin-token Secret fetch.
+pub(crate) async fn serve_secret(api: &mut ApiServerVerifier) {
+    api.expect(Method::GET, SECRET_PATH, 200, secret_json())
+        .await;
+}
+
+/// Answers the ModelDeployment status patch with `body`; the patch sent.
+async fn expect_model_status(api: &mut ApiServerVerifier, body: Value) -> Value {
+    api.expect(Method::PATCH, MODEL_STATUS_PATH, 200, body)
+        .await
+}
+
+/// Answers an Event; the Event sent.
+async fn expect_event(api: &mut ApiServerVerifier) -> Value {
+    api.expect_echo(Method::POST, EVENTS_PATH).await
+}
+
 /// Answers the fetch and apply steps up to the pod list.
 pub(crate) async fn serve_children(api: &mut ApiServerVerifier) -> Value {
-    api.expect(
-        Method::GET,
-        "/api/v1/namespaces/team/secrets/llm-admin-token",
-        200,
-        secret_json(),
-    )
-    .await;
+    serve_secret(api).await;
     let deployment = api
         .expect_echo(
             Method::PATCH,
@@ -160,25 +176,13 @@ async fn a_new_skill_is_pushed_to_every_pod_and_reported_pending() {
                     skill_json(None, &[]),
                 )
                 .await;
-            let event = api
-                .expect_echo(
-                    Method::POST,
-                    "/apis/events.k8s.io/v1/namespaces/team/events",
-                )
-                .await;
+            let event = expect_event(&mut api).await;
             let gate0 = api
                 .expect_echo(Method::PATCH, "/api/v1/namespaces/team/pods/llm-0/status")
                 .await;
             api.expect_echo(Method::PATCH, "/api/v1/namespaces/team/pods/llm-1/status")
                 .await;
-            let model = api
-                .expect(
-                    Method::PATCH,
-                    "/apis/skillkv.io/v1alpha1/namespaces/team/modeldeployments/llm/status",
-                    200,
-                    model_json(),
-                )
-                .await;
+            let model = expect_model_status(&mut api, model_json()).await;
             (deployment, skill, event, gate0, model)
         },
         task,
@@ -227,13 +231,7 @@ async fn an_apply_conflict_fails_the_reconcile_and_sets_degraded() {
     let task = tokio::spawn(reconcile(guarded_model(), ctx.clone()));
     let (status, result) = run(
         async {
-            api.expect(
-                Method::GET,
-                "/api/v1/namespaces/team/secrets/llm-admin-token",
-                200,
-                secret_json(),
-            )
-            .await;
+            serve_secret(&mut api).await;
             let conflict = status_error(
                 409,
                 "Conflict",
@@ -246,20 +244,8 @@ async fn an_apply_conflict_fails_the_reconcile_and_sets_degraded() {
                 conflict,
             )
             .await;
-            let status = api
-                .expect(
-                    Method::PATCH,
-                    "/apis/skillkv.io/v1alpha1/namespaces/team/modeldeployments/llm/status",
-                    200,
-                    model_json(),
-                )
-                .await;
-            let event = api
-                .expect_echo(
-                    Method::POST,
-                    "/apis/events.k8s.io/v1/namespaces/team/events",
-                )
-                .await;
+            let status = expect_model_status(&mut api, model_json()).await;
+            let event = expect_event(&mut api).await;
             (status, event)
         },
         task,
@@ -295,28 +281,10 @@ async fn an_unsupported_kv_dtype_is_degraded_and_never_applied() {
     ));
     let ((status, event), result) = run(
         async {
-            api.expect(
-                Method::GET,
-                "/api/v1/namespaces/team/secrets/llm-admin-token",
-                200,
-                secret_json(),
-            )
-            .await;
+            serve_secret(&mut api).await;
             // No Deployment patch: the next request is the status.
-            let status = api
-                .expect(
-                    Method::PATCH,
-                    "/apis/skillkv.io/v1alpha1/namespaces/team/modeldeployments/llm/status",
-                    200,
-                    spec.clone(),
-                )
-                .await;
-            let event = api
-                .expect_echo(
-                    Method::POST,
-                    "/apis/events.k8s.io/v1/namespaces/team/events",
-                )
-                .await;
+            let status = expect_model_status(&mut api, spec.clone()).await;
+            let event = expect_event(&mut api).await;
             (status, event)
         },
         task,
@@ -357,14 +325,7 @@ async fn an_unreachable_daemon_keeps_its_placement_and_degrades_the_skill() {
                 .await;
             api.expect_echo(Method::PATCH, "/api/v1/namespaces/team/pods/llm-0/status")
                 .await;
-            let model = api
-                .expect(
-                    Method::PATCH,
-                    "/apis/skillkv.io/v1alpha1/namespaces/team/modeldeployments/llm/status",
-                    200,
-                    model_json(),
-                )
-                .await;
+            let model = expect_model_status(&mut api, model_json()).await;
             (skill, model)
         },
         task,
@@ -411,20 +372,10 @@ async fn a_vanished_pod_is_replaced_by_a_surviving_one() {
                     skill_json(None, &[]),
                 )
                 .await;
-            api.expect_echo(
-                Method::POST,
-                "/apis/events.k8s.io/v1/namespaces/team/events",
-            )
-            .await;
+            expect_event(&mut api).await;
             api.expect_echo(Method::PATCH, "/api/v1/namespaces/team/pods/llm-1/status")
                 .await;
-            api.expect(
-                Method::PATCH,
-                "/apis/skillkv.io/v1alpha1/namespaces/team/modeldeployments/llm/status",
-                200,
-                model_json(),
-            )
-            .await;
+            expect_model_status(&mut api, model_json()).await;
             skill
         },
         task,

@@ -13,7 +13,7 @@ use skillkv_api::v1alpha1::RateLimitPolicy;
 
 use super::{error_policy, reconcile};
 use crate::context::Context;
-use crate::fixtures::{list_of, status_error};
+use crate::fixtures::{ApiServerVerifier, list_of, status_error};
 use crate::fleet::tests::{condition, run};
 
 const LIST_PATH: &str = "/apis/skillkv.io/v1alpha1/ratelimitpolicies";
@@ -25,6 +25,15 @@ fn policy_json(name: &str, rpm: i64) -> Value {
         "spec": {"subject": "tenant", "selector": {"tenants": ["acme"]},
                  "limits": {"requestsPerMinute": rpm}},
     })
+}
+
+/// Answers the two reads of a reconcile: every policy, then the API-key Secrets.
+async fn serve_reads(api: &mut ApiServerVerifier, policies: Vec<Value>, secrets: Vec<Value>) {
+    let all = list_of("RateLimitPolicyList", "skillkv.io/v1alpha1", policies);
+    api.expect(Method::GET, LIST_PATH, 200, all).await;
+    let secrets = list_of("SecretList", "v1", secrets);
+    api.expect(Method::GET, "/api/v1/secrets", 200, secrets)
+        .await;
 }
 
 fn guarded(policy: &Value) -> Arc<DeserializeGuard<RateLimitPolicy>> {
@@ -46,19 +55,12 @@ async fn a_second_policy_with_other_limits_marks_the_policy_conflicted() {
     let task = tokio::spawn(reconcile(guarded(&mine), ctx.clone()));
     let (status, result) = run(
         async {
-            let all = list_of(
-                "RateLimitPolicyList",
-                "skillkv.io/v1alpha1",
+            serve_reads(
+                &mut api,
                 vec![mine.clone(), policy_json("b", 20)],
-            );
-            api.expect(Method::GET, LIST_PATH, 200, all).await;
-            let secrets = list_of(
-                "SecretList",
-                "v1",
                 vec![key_secret("k1", "acme"), key_secret("k2", "other")],
-            );
-            api.expect(Method::GET, "/api/v1/secrets", 200, secrets)
-                .await;
+            )
+            .await;
             api.expect(
                 Method::PATCH,
                 "/apis/skillkv.io/v1alpha1/namespaces/team/ratelimitpolicies/a/status",
@@ -99,19 +101,7 @@ async fn an_unchanged_accepted_policy_is_not_written_again() {
     let task = tokio::spawn(reconcile(guarded(&mine), ctx.clone()));
     let (status, result) = run(
         async {
-            let all = list_of(
-                "RateLimitPolicyList",
-                "skillkv.io/v1alpha1",
-                vec![mine.clone()],
-            );
-            api.expect(Method::GET, LIST_PATH, 200, all).await;
-            api.expect(
-                Method::GET,
-                "/api/v1/secrets",
-                200,
-                list_of("SecretList", "v1", vec![]),
-            )
-            .await;
+            serve_reads(&mut api, vec![mine.clone()], vec![]).await;
             api.expect(
                 Method::PATCH,
                 "/apis/skillkv.io/v1alpha1/namespaces/team/ratelimitpolicies/a/status",
@@ -132,19 +122,7 @@ async fn an_unchanged_accepted_policy_is_not_written_again() {
     let task = tokio::spawn(reconcile(guarded(&mine), ctx.clone()));
     let ((), result) = run(
         async {
-            let all = list_of(
-                "RateLimitPolicyList",
-                "skillkv.io/v1alpha1",
-                vec![mine.clone()],
-            );
-            api.expect(Method::GET, LIST_PATH, 200, all).await;
-            api.expect(
-                Method::GET,
-                "/api/v1/secrets",
-                200,
-                list_of("SecretList", "v1", vec![]),
-            )
-            .await;
+            serve_reads(&mut api, vec![mine.clone()], vec![]).await;
         },
         task,
     )

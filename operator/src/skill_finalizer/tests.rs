@@ -16,7 +16,8 @@ use super::reconcile;
 use crate::context::Context;
 use crate::fixtures::{FakeDaemon, daemon_state, status_error};
 use crate::fleet::tests::{
-    SKILL_TEXT, condition, model_json, pod_json, run, serve_children, serve_lists, skill_json,
+    SECRET_PATH, SKILL_TEXT, condition, model_json, pod_json, run, serve_children, serve_lists,
+    skill_json,
 };
 use crate::names;
 
@@ -251,13 +252,7 @@ async fn a_failed_unpin_keeps_the_finalizer_and_counts_the_error() {
         async {
             api.expect(Method::GET, MODEL_PATH, 200, model_json()).await;
             let down = status_error(503, "ServiceUnavailable", "etcd is down");
-            api.expect(
-                Method::GET,
-                "/api/v1/namespaces/team/secrets/llm-admin-token",
-                503,
-                down,
-            )
-            .await;
+            api.expect(Method::GET, SECRET_PATH, 503, down).await;
         },
         task,
     )
