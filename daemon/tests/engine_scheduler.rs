@@ -75,7 +75,9 @@ async fn batching_equals_sequential() {
         max_seqs: 5,
         ..config(256)
     };
-    let (engine, model) = start(FakeModel::new(), config);
+    // Gated until all eight are queued, so they batch however the threads are scheduled.
+    let (gated, permits) = FakeModel::gated();
+    let (engine, model) = start(gated, config);
     // All at once: five run, three join as others leave (different max_tokens).
     let streams: Vec<_> = eight_prompts()
         .into_iter()
@@ -86,6 +88,7 @@ async fn batching_equals_sequential() {
                 .expect("submit")
         })
         .collect();
+    drop(permits);
     let mut handles = Vec::new();
     for stream in streams {
         handles.push(tokio::spawn(collect(stream)));
@@ -176,8 +179,10 @@ async fn preemption_under_a_tiny_pool_keeps_outputs_identical() {
     for (prompt, max_tokens) in &requests {
         expected.push(alone(prompt.clone(), *max_tokens).await);
     }
-    // Each sequence ends at ~80 tokens = 6 blocks; 4 of them need 24 but only 12 exist.
-    let (engine, _) = start(FakeModel::new(), config(12));
+    // Each sequence ends at ~80 tokens = 6 blocks; 4 of them need 24 but only 12 exist. The
+    // model is gated until all four are queued, so none can finish before the others start.
+    let (gated, permits) = FakeModel::gated();
+    let (engine, _) = start(gated, config(12));
     let streams: Vec<_> = requests
         .iter()
         .enumerate()
@@ -187,6 +192,7 @@ async fn preemption_under_a_tiny_pool_keeps_outputs_identical() {
                 .expect("submit")
         })
         .collect();
+    drop(permits);
     let mut handles = Vec::new();
     for stream in streams {
         handles.push(tokio::spawn(collect(stream)));
