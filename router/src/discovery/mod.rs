@@ -358,3 +358,6 @@ async fn sync_policies(
         }
     }
 }
+
+#[cfg(test)]
+mod mock_tests;
