@@ -3,10 +3,11 @@
 //! kept only as BLAKE3 digests, and compared with `blake3::Hash`'s constant-time equality
 //! against every known key, so neither which key matched nor how much of it matched leaks
 //! through timing — the daemon's approach (daemon/src/server/auth.rs), extended with identities.
+//! In a cluster the key set is replaced whole while the router runs ([`ApiKeys::replace`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use serde::Deserialize;
 
@@ -70,17 +71,38 @@ pub enum LoadApiKeysError {
     },
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 struct KnownKey {
     digest: blake3::Hash,
     caller: Caller,
 }
 
-/// The accepted keys and whether one is required.
+/// The accepted keys and whether one is required. Clones share the key set, so a clone kept by
+/// discovery replaces the keys the server checks.
 #[derive(Debug, Clone, Default)]
 pub struct ApiKeys {
-    keys: Arc<Vec<KnownKey>>,
+    keys: Arc<RwLock<Arc<Vec<KnownKey>>>>,
     required: bool,
+}
+
+fn known_keys(entries: Vec<ApiKeyEntry>) -> Vec<KnownKey> {
+    entries
+        .into_iter()
+        .map(|entry| {
+            let digest = blake3::hash(entry.key.trim().as_bytes());
+            let name = entry
+                .name
+                .unwrap_or_else(|| format!("key-{}", &digest.to_hex()[..12]));
+            KnownKey {
+                digest,
+                caller: Caller {
+                    key_name: Some(name),
+                    tenant: entry.tenant,
+                    labels: entry.labels,
+                },
+            }
+        })
+        .collect()
 }
 
 /// The outcome of checking a request's `Authorization` header.
@@ -95,27 +117,37 @@ pub enum Authentication {
 impl ApiKeys {
     /// Keys from entries; `required` rejects requests that carry no key.
     pub fn new(entries: Vec<ApiKeyEntry>, required: bool) -> Self {
-        let keys = entries
-            .into_iter()
-            .map(|entry| {
-                let digest = blake3::hash(entry.key.trim().as_bytes());
-                let name = entry
-                    .name
-                    .unwrap_or_else(|| format!("key-{}", &digest.to_hex()[..12]));
-                KnownKey {
-                    digest,
-                    caller: Caller {
-                        key_name: Some(name),
-                        tenant: entry.tenant,
-                        labels: entry.labels,
-                    },
-                }
-            })
-            .collect();
         Self {
-            keys: Arc::new(keys),
+            keys: Arc::new(RwLock::new(Arc::new(known_keys(entries)))),
             required,
         }
+    }
+
+    /// Accepts exactly `entries` from now on (every clone sees the new set at once); returns
+    /// whether the set changed.
+    pub fn replace(&self, entries: Vec<ApiKeyEntry>) -> bool {
+        let keys = known_keys(entries);
+        let mut current = self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if **current == keys {
+            return false;
+        }
+        *current = Arc::new(keys);
+        true
+    }
+
+    fn keys(&self) -> Arc<Vec<KnownKey>> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether requests without a key are rejected.
+    pub fn required(&self) -> bool {
+        self.required
     }
 
     /// Reads the YAML key file.
@@ -140,12 +172,12 @@ impl ApiKeys {
 
     /// Number of known keys.
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.keys().len()
     }
 
     /// Whether no key is known.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.keys().is_empty()
     }
 
     /// Checks an `Authorization` header value. A request without one is anonymous unless keys
@@ -162,9 +194,10 @@ impl ApiKeys {
             return Authentication::Denied;
         };
         let digest = blake3::hash(token.trim().as_bytes());
+        let keys = self.keys();
         // Every key is compared, with constant-time equality, so the time taken does not
         // depend on which key matches.
-        let matched = self.keys.iter().fold(None, |found, known| {
+        let matched = keys.iter().fold(None, |found, known| {
             if known.digest == digest {
                 Some(known)
             } else {
@@ -173,9 +206,7 @@ impl ApiKeys {
         });
         match matched {
             Some(known) => Authentication::Allowed(known.caller.clone()),
-            None if self.keys.is_empty() && !self.required => {
-                Authentication::Allowed(Caller::default())
-            }
+            None if keys.is_empty() && !self.required => Authentication::Allowed(Caller::default()),
             None => Authentication::Denied,
         }
     }
@@ -239,6 +270,24 @@ mod tests {
             open.authenticate(Some("Bearer anything")),
             Authentication::Allowed(_)
         ));
+    }
+
+    #[test]
+    fn replacing_the_keys_reaches_every_clone_at_once() {
+        let keys = ApiKeys::new(vec![entry("sk-old", Some("old"), None)], true);
+        let server_side = keys.clone();
+        assert!(!keys.replace(vec![entry("sk-old", Some("old"), None)]));
+        assert!(keys.replace(vec![entry("sk-new", Some("new"), Some("t"))]));
+        assert_eq!(
+            server_side.authenticate(Some("Bearer sk-old")),
+            Authentication::Denied
+        );
+        let Authentication::Allowed(caller) = server_side.authenticate(Some("Bearer sk-new"))
+        else {
+            panic!("the new key is known to the clone");
+        };
+        assert_eq!(caller.key_name.as_deref(), Some("new"));
+        assert_eq!(caller.tenant.as_deref(), Some("t"));
     }
 
     #[test]

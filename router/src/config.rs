@@ -1,6 +1,7 @@
 //! The router's settings: [`RouterArgs`], the command line of `skillkv-operator router` (every
 //! flag also readable from the `SKILLKV_*` environment variables the Helm chart sets), and
-//! [`RouterConfig`], the resolved settings `run` takes, with files already read.
+//! [`RouterConfig`], the resolved settings `run` takes, with files already read, and, in a
+//! cluster, the [`DiscoveryConfig`] of the watches that keep backends, keys and limits current.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,8 +50,13 @@ pub enum ConfigureRouterError {
         problem: String,
     },
     /// No backend was given.
-    #[error("no backend: give at least one --backend URL")]
+    #[error(
+        "no backend: give at least one --backend URL, or run in a cluster with --discovery kubernetes"
+    )]
     NoBackends,
+    /// Both static backends and Kubernetes discovery were asked for.
+    #[error("--backend and --discovery kubernetes exclude each other; give one")]
+    BackendsWithDiscovery,
     /// An admin token file could not be read.
     #[error("cannot read the admin token file {path}")]
     AdminToken {
@@ -119,6 +125,19 @@ impl FromStr for BackendSpec {
     }
 }
 
+/// Where the router's backends, API keys and rate limits come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiscoveryMode {
+    /// `kubernetes` when no `--backend` is given and the router runs in a pod
+    /// (`KUBERNETES_SERVICE_HOST` is set), else `static`.
+    Auto,
+    /// The `--backend` flags and the key and rate-limit files.
+    Static,
+    /// Watch the cluster: ModelDeployments' EndpointSlices, LoRAAdapters, API-key Secrets and
+    /// RateLimitPolicies.
+    Kubernetes,
+}
+
 /// `skillkv-operator router`: one OpenAI endpoint in front of the daemons.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RouterArgs {
@@ -169,6 +188,44 @@ pub struct RouterArgs {
     /// Prefix blocks remembered per backend.
     #[arg(long, default_value_t = 65_536)]
     pub prefix_index_blocks: usize,
+    /// Where backends, API keys and rate limits come from: `auto`, `static` or `kubernetes`.
+    #[arg(long, env = "SKILLKV_DISCOVERY", value_enum, default_value_t = DiscoveryMode::Auto)]
+    pub discovery: DiscoveryMode,
+    /// Kubernetes discovery: the one namespace to watch; empty watches every namespace.
+    #[arg(long, env = "SKILLKV_WATCH_NAMESPACE", default_value = "")]
+    pub watch_namespace: String,
+    /// Kubernetes discovery: label selector of the API-key Secrets.
+    #[arg(
+        long,
+        env = "SKILLKV_API_KEY_SELECTOR",
+        default_value = "skillkv.io/api-key=true"
+    )]
+    pub api_key_selector: String,
+    /// Kubernetes discovery: the router's own Service (in `--namespace`). The rate limits are
+    /// split across its ready endpoints instead of `--replicas`.
+    #[arg(long, env = "SKILLKV_ROUTER_SERVICE")]
+    pub router_service: Option<String>,
+    /// The router's own namespace (of `--router-service`).
+    #[arg(long, env = "SKILLKV_POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+}
+
+/// What Kubernetes discovery watches and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveryConfig {
+    /// The one namespace watched; `None` watches every namespace.
+    pub namespace: Option<String>,
+    /// Label selector of the API-key Secrets; `None` when the keys come from a file.
+    pub api_key_selector: Option<String>,
+    /// Whether RateLimitPolicies are watched (not when the limits come from a file).
+    pub watch_rate_limits: bool,
+    /// The router's own Service (`namespace`, `name`), whose ready endpoints are the replica
+    /// count; `None`: `replicas`.
+    pub router_service: Option<(String, String)>,
+    /// Router replicas sharing the limits when no Service is watched.
+    pub replicas: u32,
+    /// Admin token of pools whose admin-token Secret is missing (`--admin-token-file`).
+    pub fallback_admin_token: Option<String>,
 }
 
 /// Everything the router needs to know about one daemon.
@@ -225,6 +282,8 @@ pub struct RouterConfig {
     pub max_reconnect_backoff: Duration,
     /// How long in-flight requests get to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Kubernetes discovery; `None`: the backends, keys and limits above stay as they are.
+    pub discovery: Option<DiscoveryConfig>,
 }
 
 impl Default for RouterConfig {
@@ -243,6 +302,7 @@ impl Default for RouterConfig {
             prefix_index_blocks: 65_536,
             max_reconnect_backoff: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(55),
+            discovery: None,
         }
     }
 }
@@ -256,10 +316,29 @@ fn read_token(path: &Path) -> Result<String, ConfigureRouterError> {
         })
 }
 
+/// Whether this process runs in a Kubernetes pod.
+pub fn in_cluster() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+}
+
 impl RouterArgs {
-    /// Reads the files the flags name and resolves every backend.
+    /// Reads the files the flags name and resolves every backend, or sets up Kubernetes
+    /// discovery (see [`DiscoveryMode`]).
     pub fn into_config(self) -> Result<RouterConfig, ConfigureRouterError> {
-        if self.backends.is_empty() {
+        self.into_config_where(in_cluster())
+    }
+
+    /// [`RouterArgs::into_config`], told whether the router runs in a pod.
+    pub fn into_config_where(self, in_cluster: bool) -> Result<RouterConfig, ConfigureRouterError> {
+        let discover = match self.discovery {
+            DiscoveryMode::Static => false,
+            DiscoveryMode::Kubernetes if !self.backends.is_empty() => {
+                return Err(ConfigureRouterError::BackendsWithDiscovery);
+            }
+            DiscoveryMode::Kubernetes => true,
+            DiscoveryMode::Auto => self.backends.is_empty() && in_cluster,
+        };
+        if self.backends.is_empty() && !discover {
             return Err(ConfigureRouterError::NoBackends);
         }
         let shared_token = self
@@ -267,6 +346,21 @@ impl RouterArgs {
             .as_deref()
             .map(read_token)
             .transpose()?;
+        let discovery = discover.then(|| DiscoveryConfig {
+            namespace: Some(self.watch_namespace.trim().to_string()).filter(|n| !n.is_empty()),
+            api_key_selector: self
+                .api_keys_file
+                .is_none()
+                .then(|| self.api_key_selector.clone()),
+            watch_rate_limits: self.rate_limits_file.is_none(),
+            router_service: self
+                .router_service
+                .clone()
+                .filter(|name| !name.trim().is_empty())
+                .map(|name| (self.namespace.clone(), name.trim().to_string())),
+            replicas: self.replicas.max(1),
+            fallback_admin_token: shared_token.clone(),
+        });
         let mut backends = Vec::new();
         for spec in self.backends {
             let admin_url = match &spec.admin {
@@ -305,6 +399,7 @@ impl RouterArgs {
             max_body_bytes: self.max_body_bytes,
             max_attempts: self.max_attempts.max(1),
             prefix_index_blocks: self.prefix_index_blocks,
+            discovery,
             ..RouterConfig::default()
         })
     }
@@ -396,11 +491,85 @@ mod tests {
     }
 
     #[test]
-    fn no_backend_is_an_error() {
+    fn no_backend_is_an_error_outside_a_cluster() {
         let cli = Cli::parse_from(["router"]);
         assert!(matches!(
-            cli.args.into_config(),
+            cli.args.into_config_where(false),
             Err(ConfigureRouterError::NoBackends)
         ));
+        let cli = Cli::parse_from(["router", "--discovery", "static"]);
+        assert!(matches!(
+            cli.args.into_config_where(true),
+            Err(ConfigureRouterError::NoBackends)
+        ));
+    }
+
+    #[test]
+    fn discovery_is_chosen_in_a_cluster_without_backends() {
+        let cli = Cli::parse_from(["router"]);
+        let discovery = cli
+            .args
+            .into_config_where(true)
+            .expect("resolves")
+            .discovery
+            .expect("discovers in a pod");
+        assert_eq!(
+            discovery,
+            DiscoveryConfig {
+                namespace: None,
+                api_key_selector: Some("skillkv.io/api-key=true".to_string()),
+                watch_rate_limits: true,
+                router_service: None,
+                replicas: 1,
+                fallback_admin_token: None,
+            }
+        );
+        let cli = Cli::parse_from([
+            "router",
+            "--discovery",
+            "kubernetes",
+            "--watch-namespace",
+            "team-a",
+            "--router-service",
+            "skillkv-router",
+            "--namespace",
+            "skillkv-system",
+            "--api-keys-file",
+            "/nonexistent/keys.yaml",
+        ]);
+        // The key file wins over Secrets, so reading it is attempted (and fails here).
+        assert!(matches!(
+            cli.args.clone().into_config_where(false),
+            Err(ConfigureRouterError::ApiKeys(_))
+        ));
+        let mut args = cli.args;
+        args.api_keys_file = None;
+        let discovery = args
+            .into_config_where(false)
+            .expect("resolves")
+            .discovery
+            .expect("asked for");
+        assert_eq!(discovery.namespace.as_deref(), Some("team-a"));
+        assert_eq!(
+            discovery.router_service,
+            Some(("skillkv-system".to_string(), "skillkv-router".to_string()))
+        );
+        let with_backend = Cli::parse_from([
+            "router",
+            "--discovery",
+            "kubernetes",
+            "--backend",
+            "http://127.0.0.1:8080",
+        ]);
+        assert!(matches!(
+            with_backend.args.into_config_where(true),
+            Err(ConfigureRouterError::BackendsWithDiscovery)
+        ));
+        let static_in_pod = Cli::parse_from(["router", "--backend", "http://127.0.0.1:8080"]);
+        let config = static_in_pod
+            .args
+            .into_config_where(true)
+            .expect("resolves");
+        assert!(config.discovery.is_none(), "--backend means static");
     }
 }

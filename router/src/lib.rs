@@ -6,11 +6,13 @@
 //! its admin event stream ([`fleet`]). Per request: API key ([`auth`]), body summary
 //! ([`request`]), rate limits ([`ratelimit`]), routing decision ([`routing`], pure), then
 //! forwarding with retries before the first byte ([`proxy`]) and a pass-through body that
-//! settles usage and metrics when it ends ([`observe`]).
+//! settles usage and metrics when it ends ([`observe`]). In a cluster, [`discovery`] keeps the
+//! fleet, the API keys and the rate limits current from the Kubernetes API.
 
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod fleet;
 pub mod metrics;
@@ -30,8 +32,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use crate::config::{BackendConfig, RouterArgs, RouterConfig};
+pub use crate::config::{BackendConfig, DiscoveryConfig, RouterArgs, RouterConfig};
+use crate::discovery::{Discovery, DiscoveryTargets, StartDiscoveryError};
 use crate::fleet::Fleet;
+use crate::fleet::follow::Followers;
 use crate::metrics::{RegisterMetricsError, RouterMetrics};
 use crate::server::Shared;
 
@@ -53,6 +57,9 @@ pub enum RunRouterError {
     /// A server failed while running.
     #[error("the HTTP server failed")]
     Serve(#[source] std::io::Error),
+    /// Kubernetes discovery could not start.
+    #[error(transparent)]
+    Discovery(#[from] StartDiscoveryError),
 }
 
 /// A router whose listeners are bound, before it serves.
@@ -61,6 +68,7 @@ pub struct BoundRouter {
     api: TcpListener,
     health: TcpListener,
     shared: Arc<Shared>,
+    discovery: Option<Discovery>,
 }
 
 async fn bind_listener(address: SocketAddr) -> Result<TcpListener, RunRouterError> {
@@ -70,8 +78,22 @@ async fn bind_listener(address: SocketAddr) -> Result<TcpListener, RunRouterErro
 }
 
 impl BoundRouter {
-    /// Binds both listeners and sets up the fleet.
+    /// Binds both listeners and sets up the fleet; with `config.discovery`, connects to the
+    /// Kubernetes API.
     pub async fn bind(config: RouterConfig) -> Result<Self, RunRouterError> {
+        let discovery = match config.discovery.clone() {
+            Some(discovery) => Some(Discovery::connect(discovery).await?),
+            None => None,
+        };
+        Self::bind_with(config, discovery).await
+    }
+
+    /// Binds both listeners and sets up the fleet, to be kept current by `discovery` (whatever
+    /// `config.discovery` says).
+    pub async fn bind_with(
+        config: RouterConfig,
+        discovery: Option<Discovery>,
+    ) -> Result<Self, RunRouterError> {
         let api = bind_listener(config.listen).await?;
         let health = bind_listener(config.health_listen).await?;
         let fleet = Arc::new(Fleet::new(
@@ -85,6 +107,7 @@ impl BoundRouter {
             api,
             health,
             shared: Arc::new(Shared::new(config, fleet, client, metrics)),
+            discovery,
         })
     }
 
@@ -110,17 +133,26 @@ impl BoundRouter {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RunRouterError> {
         let shared = self.shared;
-        let mut followers = JoinSet::new();
-        for pod in shared.fleet.pods() {
-            followers.spawn(fleet::follow::follow(
-                pod.clone(),
-                shared.client.clone(),
-                shared.config.max_reconnect_backoff,
-            ));
+        let followers = Arc::new(Followers::new(
+            shared.client.clone(),
+            shared.config.max_reconnect_backoff,
+        ));
+        followers.start(&shared.fleet.pods());
+        let mut background = JoinSet::new();
+        let discovering = self.discovery.is_some();
+        if let Some(discovery) = self.discovery {
+            background.spawn(discovery.run(DiscoveryTargets {
+                fleet: shared.fleet.clone(),
+                followers: followers.clone(),
+                api_keys: shared.config.api_keys.clone(),
+                rate_limiter: shared.config.rate_limiter.clone(),
+                metrics: shared.metrics.clone(),
+            }));
         }
         tracing::info!(
             api = ?self.api.local_addr().ok(),
             health = ?self.health.local_addr().ok(),
+            discovery = if discovering { "kubernetes" } else { "static" },
             backends = shared.fleet.pods().len(),
             api_keys = shared.config.api_keys.len(),
             rate_limit_policies = shared.config.rate_limiter.policy_count(),
@@ -149,7 +181,8 @@ impl BoundRouter {
                 Ok(())
             }
         };
-        followers.abort_all();
+        background.abort_all();
+        followers.stop_all();
         tracing::info!("router stopped");
         result
     }

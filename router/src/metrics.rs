@@ -1,10 +1,11 @@
 //! Prometheus metrics of the router (`skillkv_router_*`): requests by model, pool, pod and
 //! status; routing decisions by reason; retries; rate-limit rejections; end-to-end latency and
-//! router overhead; and, refreshed on each scrape, every backend's health and in-flight count.
+//! router overhead; in-cluster discovery's errors and membership changes; and, refreshed on
+//! each scrape, the number of backends and every backend's health and in-flight count.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::fleet::Fleet;
@@ -30,6 +31,13 @@ pub struct RouterMetrics {
     pub latency: HistogramVec,
     /// Time the router spends before it sends the request to a daemon.
     pub overhead: Histogram,
+    /// Errors of in-cluster discovery, by resource (watch failures, unusable objects).
+    pub discovery_errors: IntCounterVec,
+    /// Backends that joined or left the fleet, by change (`added`, `removed`).
+    pub membership_changes: IntCounterVec,
+    /// The router replicas the rate limits are split across.
+    pub rate_limit_replicas: IntGauge,
+    backends: IntGauge,
     backend_healthy: IntGaugeVec,
     backend_in_flight: IntGaugeVec,
     backend_prefix_blocks: IntGaugeVec,
@@ -89,6 +97,28 @@ impl RouterMetrics {
                 )
                 .buckets(overhead_buckets),
             )?,
+            discovery_errors: IntCounterVec::new(
+                Opts::new(
+                    "skillkv_router_discovery_errors_total",
+                    "In-cluster discovery errors, by resource (watch failures and skipped objects)",
+                ),
+                &["resource"],
+            )?,
+            membership_changes: IntCounterVec::new(
+                Opts::new(
+                    "skillkv_router_backend_changes_total",
+                    "Backends that joined (added) or left (removed) the fleet",
+                ),
+                &["change"],
+            )?,
+            rate_limit_replicas: IntGauge::new(
+                "skillkv_router_rate_limit_replicas",
+                "Router replicas the rate limits are split across",
+            )?,
+            backends: IntGauge::new(
+                "skillkv_router_backends",
+                "Backends in the fleet (given with --backend, or discovered in the cluster)",
+            )?,
             backend_healthy: IntGaugeVec::new(
                 Opts::new(
                     "skillkv_router_backend_healthy",
@@ -118,6 +148,10 @@ impl RouterMetrics {
             Box::new(metrics.rate_limited.clone()),
             Box::new(metrics.latency.clone()),
             Box::new(metrics.overhead.clone()),
+            Box::new(metrics.discovery_errors.clone()),
+            Box::new(metrics.membership_changes.clone()),
+            Box::new(metrics.rate_limit_replicas.clone()),
+            Box::new(metrics.backends.clone()),
             Box::new(metrics.backend_healthy.clone()),
             Box::new(metrics.backend_in_flight.clone()),
             Box::new(metrics.backend_prefix_blocks.clone()),
@@ -130,7 +164,13 @@ impl RouterMetrics {
     /// The Prometheus text exposition, with backend gauges refreshed from `fleet`.
     pub fn render(&self, fleet: &Fleet) -> String {
         let now = std::time::Instant::now();
-        for pod in fleet.pods() {
+        let pods = fleet.pods();
+        self.backends.set(pods.len() as i64);
+        // Pods that left the fleet lose their series.
+        self.backend_healthy.reset();
+        self.backend_in_flight.reset();
+        self.backend_prefix_blocks.reset();
+        for pod in pods.iter() {
             let name = pod.backend.name.as_str();
             self.backend_healthy
                 .with_label_values(&[name])

@@ -94,7 +94,7 @@ pub async fn forward(
         .decision
         .order
         .iter()
-        .filter_map(|index| shared.fleet.pods().get(*index).cloned())
+        .filter_map(|index| shared.fleet.pod(*index))
         .take(shared.config.max_attempts)
         .collect();
     let mut last_failure = String::from("no backend to try");

@@ -3,7 +3,7 @@
 //! A generation request is authenticated, read, rate limited, routed and forwarded, in that
 //! order; everything before forwarding is the router overhead the metrics measure.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -266,7 +266,7 @@ async fn model_union(state: &Shared) -> Result<Vec<Value>, RouteRequestError> {
         });
     }
     let mut seen = BTreeSet::new();
-    Ok(lists
+    let mut data: Vec<Value> = lists
         .into_iter()
         .flatten()
         .flatten()
@@ -276,7 +276,38 @@ async fn model_union(state: &Shared) -> Result<Vec<Value>, RouteRequestError> {
                 .and_then(Value::as_str)
                 .is_some_and(|id| seen.insert(id.to_string()))
         })
-        .collect())
+        .collect();
+    data.extend(adapter_models(&seen, &known_adapters(&state.fleet)));
+    Ok(data)
+}
+
+/// Every adapter the router knows of (served name → base model id): Ready on a pod, or declared
+/// by a LoRAAdapter in the cluster.
+fn known_adapters(fleet: &Fleet) -> BTreeMap<String, String> {
+    let mut adapters = (*fleet.declared_adapters()).clone();
+    for pod in fleet.pods().iter() {
+        let state = pod.state();
+        if let Some(model) = &state.model {
+            for adapter in &state.adapters {
+                adapters
+                    .entry(adapter.clone())
+                    .or_insert_with(|| model.id.clone());
+            }
+        }
+    }
+    adapters
+}
+
+/// `/v1/models` entries of the adapters whose base model is listed (`listed`) and that are not
+/// listed themselves; `parent` names the base model.
+fn adapter_models(listed: &BTreeSet<String>, adapters: &BTreeMap<String, String>) -> Vec<Value> {
+    adapters
+        .iter()
+        .filter(|(id, base)| listed.contains(*base) && !listed.contains(*id))
+        .map(|(id, base)| {
+            json!({"id": id, "object": "model", "created": 0, "owned_by": "skillkv", "parent": base})
+        })
+        .collect()
 }
 
 async fn list_models(State(state): State<AppState>) -> Result<Json<Value>, RouteRequestError> {
@@ -294,4 +325,29 @@ async fn retrieve_model(
         .find(|model| model.get("id").and_then(Value::as_str) == Some(id.as_str()))
         .map(Json)
         .ok_or(RouteRequestError::ModelNotFound { model: id })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapters_are_listed_under_a_listed_base_model_once() {
+        let listed: BTreeSet<String> = ["base".to_string(), "dup".to_string()].into();
+        let adapters: BTreeMap<String, String> = [
+            ("sql-lora", "base"),
+            ("orphan", "missing-base"),
+            ("dup", "base"),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let entries = adapter_models(&listed, &adapters);
+        assert_eq!(
+            entries,
+            vec![
+                json!({"id": "sql-lora", "object": "model", "created": 0, "owned_by": "skillkv", "parent": "base"})
+            ]
+        );
+    }
 }

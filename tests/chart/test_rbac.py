@@ -56,14 +56,22 @@ def test_no_wildcards_or_escalation_verbs(any_render: Rendered) -> None:
                 assert "nonResourceURLs" not in rule
 
 
-def test_router_is_read_only(default_render: Rendered) -> None:
+def test_router_only_lists_and_watches_what_discovery_reads(default_render: Rendered) -> None:
     grants = set(_grants("router", _role_of(default_render, "ClusterRole", "router")["rules"]))
-    assert {grant[3] for grant in grants} == READ_VERBS
-    for kind in ["modeldeployments", "loraadapters", "ratelimitpolicies", "skills"]:
+    # Its reflectors list and watch; nothing gets single objects.
+    assert {grant[3] for grant in grants} == {"list", "watch"}
+    for kind in ["modeldeployments", "loraadapters", "ratelimitpolicies"]:
         assert _allows(grants, "router", "skillkv.io", kind, "watch")
+    assert not _allows(grants, "router", "skillkv.io", "skills", "list")
     assert _allows(grants, "router", "discovery.k8s.io", "endpointslices", "watch")
     assert _allows(grants, "router", "", "secrets", "list")
-    assert not any(grant[2].endswith("/status") for grant in grants)
+    assert {grant[2] for grant in grants} == {
+        "modeldeployments",
+        "loraadapters",
+        "ratelimitpolicies",
+        "endpointslices",
+        "secrets",
+    }
 
 
 def test_controller_holds_what_reconciling_needs(default_render: Rendered) -> None:

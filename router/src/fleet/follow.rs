@@ -1,9 +1,11 @@
 //! One task per daemon following its admin API: open `GET /admin/v1/events`, read the
 //! `GET /admin/v1/state` snapshot, then apply events as they come. While the stream is down
 //! the pod is unhealthy; the task reconnects with exponential backoff (reset after a session
-//! that lasted) and rebuilds from a fresh snapshot after `eventsMissed`.
+//! that lasted) and rebuilds from a fresh snapshot after `eventsMissed`. [`Followers`] owns
+//! those tasks: one per member of the fleet, started when a pod joins, aborted when it leaves.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -12,6 +14,7 @@ use serde::de::DeserializeOwned;
 use skillkv_api::admin::{AdminEvent, DaemonState, EVENTS_PATH, STATE_PATH};
 
 use super::Pod;
+use super::membership::MembershipChange;
 use super::sse::SseParser;
 use crate::client::{Upstream, get_request};
 
@@ -44,6 +47,77 @@ pub enum FollowDaemonError {
     /// The event stream ended.
     #[error("the event stream ended")]
     Ended,
+}
+
+/// The follow tasks of the fleet's pods, by pod index; aborted when dropped.
+#[derive(Debug)]
+pub struct Followers {
+    client: Upstream,
+    max_backoff: Duration,
+    tasks: Mutex<HashMap<usize, tokio::task::JoinHandle<()>>>,
+}
+
+impl Followers {
+    /// No tasks yet; each will reconnect with at most `max_backoff` between tries.
+    pub fn new(client: Upstream, max_backoff: Duration) -> Self {
+        Self {
+            client,
+            max_backoff,
+            tasks: Mutex::default(),
+        }
+    }
+
+    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<usize, tokio::task::JoinHandle<()>>> {
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts following `pods` (pods already followed are left alone).
+    pub fn start(&self, pods: &[Arc<Pod>]) {
+        let mut tasks = self.tasks();
+        for pod in pods {
+            tasks.entry(pod.index).or_insert_with(|| {
+                tokio::spawn(follow(pod.clone(), self.client.clone(), self.max_backoff))
+            });
+        }
+    }
+
+    /// Stops following the pods that left and starts following those that joined.
+    pub fn apply(&self, change: &MembershipChange) {
+        {
+            let mut tasks = self.tasks();
+            for pod in &change.removed {
+                if let Some(task) = tasks.remove(&pod.index) {
+                    task.abort();
+                }
+            }
+        }
+        self.start(&change.added);
+    }
+
+    /// Pods followed now.
+    pub fn len(&self) -> usize {
+        self.tasks().len()
+    }
+
+    /// Whether no pod is followed.
+    pub fn is_empty(&self) -> bool {
+        self.tasks().is_empty()
+    }
+
+    /// Stops every task.
+    pub fn stop_all(&self) {
+        for (_, task) in self.tasks().drain() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Followers {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
 }
 
 /// Follows `pod`'s admin API until the task is aborted.

@@ -1,15 +1,18 @@
 //! Fleet state: what the router knows of every daemon — reachable or not, its model and ready
 //! adapters, its skills, a bounded index of its cached prefix blocks, its last reported load,
 //! and the requests this router has in flight on it. [`follow`] keeps it current from each
-//! daemon's admin event stream; routing reads snapshots of it.
+//! daemon's admin event stream; routing reads snapshots of it. Membership is dynamic
+//! ([`membership`]): discovery replaces the set of daemons while requests are routed, and each
+//! pod keeps a fleet-unique index that is never reused.
 
 pub mod follow;
+pub mod membership;
 pub mod prefix;
 pub mod sse;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use skillkv_api::admin::{
@@ -50,7 +53,7 @@ pub struct PodState {
 /// One daemon.
 #[derive(Debug)]
 pub struct Pod {
-    /// Index in the fleet.
+    /// Its fleet-unique index: given when it joins, never reused after it leaves.
     pub index: usize,
     /// Where it is.
     pub backend: BackendConfig,
@@ -70,6 +73,31 @@ impl Drop for InFlight {
 }
 
 impl Pod {
+    /// A pod that knows nothing yet; one without an admin API counts as connected.
+    fn new(
+        index: usize,
+        backend: BackendConfig,
+        prefix_index_blocks: usize,
+        skills_epoch: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            index,
+            state: Mutex::new(PodState {
+                stream_up: backend.admin_url.is_none(),
+                avoid_until: None,
+                model: None,
+                kv_budget: None,
+                adapters: BTreeSet::new(),
+                skills: BTreeMap::new(),
+                prefix: PrefixIndex::new(prefix_index_blocks),
+                load: LoadFigures::default(),
+            }),
+            backend,
+            in_flight: AtomicUsize::new(0),
+            skills_epoch,
+        }
+    }
+
     /// Locks the state.
     pub fn state(&self) -> MutexGuard<'_, PodState> {
         self.state
@@ -176,10 +204,13 @@ pub type PromptTokens<'a> = Option<&'a [u32]>;
 /// Every daemon.
 #[derive(Debug)]
 pub struct Fleet {
-    pods: Vec<Arc<Pod>>,
+    pods: RwLock<Arc<Vec<Arc<Pod>>>>,
+    next_index: AtomicUsize,
+    prefix_index_blocks: usize,
     skills_epoch: Arc<AtomicU64>,
     detector_config: DetectorConfig,
     detector: Mutex<Option<(u64, Arc<SkillDetector>)>>,
+    declared_adapters: RwLock<Arc<BTreeMap<String, String>>>,
 }
 
 impl Fleet {
@@ -189,56 +220,70 @@ impl Fleet {
         prefix_index_blocks: usize,
         detector_config: DetectorConfig,
     ) -> Self {
-        let skills_epoch = Arc::new(AtomicU64::new(0));
-        let pods = backends
-            .into_iter()
-            .enumerate()
-            .map(|(index, backend)| {
-                Arc::new(Pod {
-                    index,
-                    state: Mutex::new(PodState {
-                        stream_up: backend.admin_url.is_none(),
-                        avoid_until: None,
-                        model: None,
-                        kv_budget: None,
-                        adapters: BTreeSet::new(),
-                        skills: BTreeMap::new(),
-                        prefix: PrefixIndex::new(prefix_index_blocks),
-                        load: LoadFigures::default(),
-                    }),
-                    backend,
-                    in_flight: AtomicUsize::new(0),
-                    skills_epoch: skills_epoch.clone(),
-                })
-            })
-            .collect();
-        Self {
-            pods,
-            skills_epoch,
+        let fleet = Self {
+            pods: RwLock::default(),
+            next_index: AtomicUsize::new(0),
+            prefix_index_blocks,
+            skills_epoch: Arc::new(AtomicU64::new(0)),
             detector_config,
             detector: Mutex::new(None),
-        }
+            declared_adapters: RwLock::default(),
+        };
+        let pods = backends.into_iter().map(|b| fleet.new_pod(b)).collect();
+        *write(&fleet.pods) = Arc::new(pods);
+        fleet
     }
 
-    /// Every pod.
-    pub fn pods(&self) -> &[Arc<Pod>] {
-        &self.pods
+    fn new_pod(&self, backend: BackendConfig) -> Arc<Pod> {
+        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Pod::new(
+            index,
+            backend,
+            self.prefix_index_blocks,
+            self.skills_epoch.clone(),
+        ))
     }
 
-    /// The pods of the pool serving `model`: those that serve it, or, when none is known to,
-    /// the pods whose model is unknown (they may).
+    /// Every pod now, ordered by index (a snapshot: later membership changes don't touch it).
+    pub fn pods(&self) -> Arc<Vec<Arc<Pod>>> {
+        read(&self.pods).clone()
+    }
+
+    /// The pod with `index`, if it is still a member.
+    pub fn pod(&self, index: usize) -> Option<Arc<Pod>> {
+        let pods = self.pods();
+        pods.binary_search_by_key(&index, |p| p.index)
+            .ok()
+            .map(|i| pods[i].clone())
+    }
+
+    /// LoRA adapters declared by the cluster (served name → base model id), listed in
+    /// `/v1/models` and routed to their base model's pods until a pod reports them loaded.
+    pub fn declared_adapters(&self) -> Arc<BTreeMap<String, String>> {
+        read(&self.declared_adapters).clone()
+    }
+
+    /// Replaces the declared adapters.
+    pub fn set_declared_adapters(&self, adapters: BTreeMap<String, String>) {
+        *write(&self.declared_adapters) = Arc::new(adapters);
+    }
+
+    /// The pods of the pool serving `model`: those that serve it; when none is known to, the
+    /// pods of a declared adapter's base model; else the pods whose model is unknown (they may).
     pub fn pool(&self, model: &str) -> Vec<Arc<Pod>> {
-        let serving: Vec<Arc<Pod>> = self
-            .pods
-            .iter()
-            .filter(|p| p.serves(model))
-            .cloned()
-            .collect();
+        let pods = self.pods();
+        let serving: Vec<Arc<Pod>> = pods.iter().filter(|p| p.serves(model)).cloned().collect();
         if !serving.is_empty() {
             return serving;
         }
-        self.pods
-            .iter()
+        if let Some(base) = self.declared_adapters().get(model) {
+            let base_pool: Vec<Arc<Pod>> =
+                pods.iter().filter(|p| p.serves(base)).cloned().collect();
+            if !base_pool.is_empty() {
+                return base_pool;
+            }
+        }
+        pods.iter()
             .filter(|p| p.state().model.is_none())
             .cloned()
             .collect()
@@ -257,7 +302,7 @@ impl Fleet {
             return detector.clone();
         }
         let mut cards: BTreeMap<String, SkillCard> = BTreeMap::new();
-        for pod in &self.pods {
+        for pod in self.pods().iter() {
             for skill in pod.state().skills.values() {
                 cards
                     .entry(skill.name.clone())
@@ -321,6 +366,16 @@ impl Fleet {
             })
             .collect()
     }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Whether a skill's KV serves requests on the pod now: Ready, or during a hot update still

@@ -99,6 +99,14 @@ fn pools_gather_the_pods_of_a_model_or_adapter() {
     assert_eq!(indices(fleet.pool("b-lora")), vec![1]);
     // Nobody is known to serve `c`: the pod whose model is unknown may.
     assert_eq!(indices(fleet.pool("c")), vec![2]);
+    // A declared adapter no pod reports yet goes to its base model's pods; once a pod reports
+    // it, to that pod.
+    fleet.set_declared_adapters(BTreeMap::from([
+        ("sql".to_string(), "b".to_string()),
+        ("a-lora".to_string(), "b".to_string()),
+    ]));
+    assert_eq!(indices(fleet.pool("sql")), vec![1]);
+    assert_eq!(indices(fleet.pool("a-lora")), vec![0]);
 }
 
 #[test]

@@ -23,6 +23,18 @@ impl TokenBucket {
         }
     }
 
+    /// The same bucket under new limits: what it holds now (or its debt) carries over, capped
+    /// at the new capacity.
+    pub fn with_limits(mut self, capacity: f64, per_second: f64, now: Instant) -> Self {
+        self.refill(now);
+        Self {
+            capacity,
+            per_second,
+            level: self.level.min(capacity),
+            updated: self.updated,
+        }
+    }
+
     /// The most tokens it holds.
     pub fn capacity(&self) -> f64 {
         self.capacity

@@ -3,13 +3,15 @@
 //! completion tokens, charged when the response completes, so a long answer puts the subject in
 //! debt that later requests wait out), and requests in flight. A request is admitted only if
 //! every matching policy admits it; the answer carries OpenAI's `x-ratelimit-*` headers.
+//! In a cluster the policy set is replaced while the router runs ([`RateLimiter::replace`]);
+//! budgets are kept per policy name and subject, so an unchanged policy keeps its budgets.
 
 pub mod bucket;
 pub mod policy;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
@@ -160,12 +162,16 @@ struct SubjectState {
     in_flight: u32,
 }
 
-type Budgets = HashMap<(usize, String), SubjectState>;
+/// Budgets by policy name and subject.
+type Budgets = HashMap<(String, String), SubjectState>;
 
-/// Every policy and every subject's budget.
+type Policies = Arc<Vec<EnforcedPolicy>>;
+
+/// Every policy and every subject's budget. Clones share both, so a clone kept by discovery
+/// replaces the policies the server enforces.
 #[derive(Debug, Clone, Default)]
 pub struct RateLimiter {
-    policies: Arc<Vec<EnforcedPolicy>>,
+    policies: Arc<RwLock<Policies>>,
     budgets: Arc<Mutex<Budgets>>,
 }
 
@@ -173,7 +179,7 @@ pub struct RateLimiter {
 #[derive(Debug)]
 pub struct Admission {
     budgets: Arc<Mutex<Budgets>>,
-    slots: Vec<(usize, String)>,
+    slots: Vec<(String, String)>,
     /// The headers of the answer.
     pub headers: RateHeaders,
 }
@@ -191,7 +197,7 @@ impl RateLimiter {
     /// Enforces `policies` (already split across router replicas).
     pub fn new(policies: Vec<EnforcedPolicy>) -> Self {
         Self {
-            policies: Arc::new(policies),
+            policies: Arc::new(RwLock::new(Arc::new(policies))),
             budgets: Arc::default(),
         }
     }
@@ -207,11 +213,47 @@ impl RateLimiter {
 
     /// Number of policies.
     pub fn policy_count(&self) -> usize {
-        self.policies.len()
+        self.policies().len()
+    }
+
+    /// The policies enforced now.
+    pub fn policies(&self) -> Policies {
+        self.policies
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Budgets> {
         lock(&self.budgets)
+    }
+
+    /// Enforces `policies` from now on; returns whether anything changed. Budgets of a policy
+    /// that is gone are dropped; those of a policy whose limits changed keep their in-flight
+    /// count and what their buckets hold (capped at the new limits).
+    pub fn replace(&self, policies: Vec<EnforcedPolicy>, now: Instant) -> bool {
+        // Budgets first, then policies, as in `admit`: no budget of an old policy is created
+        // after the swap.
+        let mut budgets = self.lock();
+        let mut current = self
+            .policies
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if **current == policies {
+            return false;
+        }
+        let by_name: HashMap<&str, &EnforcedPolicy> =
+            policies.iter().map(|p| (p.name.as_str(), p)).collect();
+        budgets.retain(|(name, _), state| {
+            let Some(policy) = by_name.get(name.as_str()) else {
+                return false;
+            };
+            resize(state, policy, now);
+            true
+        });
+        drop(by_name);
+        *current = Arc::new(policies);
+        true
     }
 
     /// Admits a request of `caller` for `model` at `now`, or says which limit refuses it.
@@ -222,27 +264,24 @@ impl RateLimiter {
         now: Instant,
     ) -> Result<Admission, Rejection> {
         let mut budgets = self.lock();
-        let matched: Vec<(usize, String)> = self
-            .policies
+        let policies = self.policies();
+        let matched: Vec<(&EnforcedPolicy, (String, String))> = policies
             .iter()
-            .enumerate()
-            .filter(|(_, p)| p.matches(caller, model))
-            .map(|(i, p)| (i, p.subject_of(caller)))
+            .filter(|p| p.matches(caller, model))
+            .map(|p| (p, (p.name.clone(), p.subject_of(caller))))
             .collect();
         // Check every policy first; spend only when all admit.
-        for (index, subject) in &matched {
-            let policy = &self.policies[*index];
+        for (policy, slot) in &matched {
             let state = budgets
-                .entry((*index, subject.clone()))
+                .entry(slot.clone())
                 .or_insert_with(|| new_state(policy, now));
             if let Some(rejection) = check(policy, state, now) {
                 return Err(rejection);
             }
         }
         let mut headers = RateHeaders::default();
-        for (index, subject) in &matched {
-            let policy = &self.policies[*index];
-            let Some(state) = budgets.get_mut(&(*index, subject.clone())) else {
+        for (policy, slot) in &matched {
+            let Some(state) = budgets.get_mut(slot) else {
                 continue;
             };
             state.in_flight += 1;
@@ -253,7 +292,7 @@ impl RateLimiter {
         }
         Ok(Admission {
             budgets: self.budgets.clone(),
-            slots: matched,
+            slots: matched.into_iter().map(|(_, slot)| slot).collect(),
             headers,
         })
     }
@@ -277,6 +316,23 @@ fn new_state(policy: &EnforcedPolicy, now: Instant) -> SubjectState {
             .map(|tpm| TokenBucket::new(tpm, tpm / 60.0, now)),
         in_flight: 0,
     }
+}
+
+/// Moves a subject's buckets to `policy`'s current limits.
+fn resize(state: &mut SubjectState, policy: &EnforcedPolicy, now: Instant) {
+    let limits = &policy.limits;
+    state.requests = limits
+        .requests_per_minute
+        .map(|rpm| match state.requests.take() {
+            Some(bucket) => bucket.with_limits(limits.burst, rpm / 60.0, now),
+            None => TokenBucket::new(limits.burst, rpm / 60.0, now),
+        });
+    state.tokens = limits
+        .tokens_per_minute
+        .map(|tpm| match state.tokens.take() {
+            Some(bucket) => bucket.with_limits(tpm, tpm / 60.0, now),
+            None => TokenBucket::new(tpm, tpm / 60.0, now),
+        });
 }
 
 fn policy_headers(policy: &EnforcedPolicy, state: &mut SubjectState, now: Instant) -> RateHeaders {

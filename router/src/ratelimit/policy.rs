@@ -59,9 +59,9 @@ pub struct ReplicaLimits {
 }
 
 /// A policy ready to enforce.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EnforcedPolicy {
-    /// The policy's name.
+    /// The policy's name (unique among the enforced policies; `namespace/name` in a cluster).
     pub name: String,
     selector: RateLimitSelector,
     subject: RateLimitSubject,
@@ -108,19 +108,29 @@ impl EnforcedPolicy {
         path: &Path,
     ) -> Result<Self, LoadRateLimitsError> {
         let name = policy.metadata.name.clone().unwrap_or_default();
-        let invalid = |problem| LoadRateLimitsError::Invalid {
-            path: path.to_path_buf(),
-            name: name.clone(),
-            problem,
-        };
+        Self::named(name.clone(), policy, replicas).map_err(|problem| {
+            LoadRateLimitsError::Invalid {
+                path: path.to_path_buf(),
+                name,
+                problem,
+            }
+        })
+    }
+
+    /// [`EnforcedPolicy::new`] under `name`, or what is wrong with the policy.
+    pub fn named(
+        name: String,
+        policy: &RateLimitPolicy,
+        replicas: u32,
+    ) -> Result<Self, &'static str> {
         let limits = &policy.spec.limits;
         if limits.requests_per_minute.is_none()
             && limits.tokens_per_minute.is_none()
             && limits.max_concurrent.is_none()
         {
-            return Err(invalid(
+            return Err(
                 "limits must set at least one of requestsPerMinute, tokensPerMinute or maxConcurrent",
-            ));
+            );
         }
         let positive = [
             limits.requests_per_minute,
@@ -129,7 +139,7 @@ impl EnforcedPolicy {
             limits.burst.map(i64::from),
         ];
         if positive.iter().flatten().any(|v| *v < 1) {
-            return Err(invalid("every limit must be at least 1"));
+            return Err("every limit must be at least 1");
         }
         let replicas = f64::from(replicas.max(1));
         let requests_per_minute = limits.requests_per_minute.map(|v| v as f64 / replicas);

@@ -135,3 +135,35 @@ fn reset_durations_use_openai_units() {
     assert_eq!(format_reset(Duration::from_secs(1)), "1s");
     assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
 }
+
+#[test]
+fn replacing_policies_keeps_unchanged_budgets_and_resizes_changed_ones() {
+    let shared = limiter("{requestsPerMinute: 60, burst: 2, maxConcurrent: 5}", 1);
+    let limiter = shared.clone();
+    let start = Instant::now();
+    let held = limiter.admit(&key("a"), "m", start).expect("admitted");
+    assert!(limiter.admit(&key("a"), "m", start).is_ok());
+    // Same policy again: nothing changes, the burst stays spent.
+    let same = shared.policies().as_ref().clone();
+    assert!(!shared.replace(same, start));
+    assert!(limiter.admit(&key("a"), "m", start).is_err());
+    // Tighter concurrency: the request still held counts against the new limit, and the spent
+    // burst carries over.
+    let tighter = {
+        let yaml = "apiVersion: skillkv.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: p}\nspec:\n  subject: apiKey\n  limits: {requestsPerMinute: 60, burst: 4, maxConcurrent: 1}\n";
+        let policy: RateLimitPolicy = serde_yaml::from_str(yaml).expect("policy parses");
+        EnforcedPolicy::new(&policy, 1, Path::new("test.yaml")).expect("valid")
+    };
+    assert!(shared.replace(vec![tighter], start));
+    let later = start + Duration::from_secs(2);
+    let rejection = limiter
+        .admit(&key("a"), "m", later)
+        .expect_err("one request is in flight");
+    assert_eq!(rejection.kind, LimitKind::Concurrency);
+    drop(held);
+    assert!(limiter.admit(&key("a"), "m", later).is_ok());
+    // No policy: everything is admitted and the budgets are gone.
+    assert!(shared.replace(Vec::new(), later));
+    assert_eq!(limiter.policy_count(), 0);
+    assert!(limiter.admit(&key("a"), "m", later).is_ok());
+}

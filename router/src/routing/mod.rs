@@ -73,7 +73,7 @@ impl Reason {
 /// What routing knows of one pod of the pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
-    /// The pod's index in the fleet.
+    /// The pod's index in the fleet ([`crate::fleet::Pod::index`]).
     pub pod: usize,
     /// Its stable name (the hashing key).
     pub name: String,
