@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod block_hash;
 pub mod crdgen;
+pub mod names;
 pub mod openai_error;
 pub mod reference;
 pub mod skills;

@@ -1,7 +1,14 @@
 //! Names shared by every reconciler: the field manager, finalizer, labels, annotations, the
-//! readiness gate, and the names of the children generated for a ModelDeployment.
+//! readiness gate, and the names of the children generated for a ModelDeployment (those the
+//! router also relies on come from `skillkv_api::names`).
 
 use std::collections::BTreeMap;
+
+pub use skillkv_api::names::{
+    ADMIN_PORT_NAME, ADMIN_TOKEN_KEY, API_KEY_SELECTOR, COMPONENT_LABEL, DAEMON_COMPONENT,
+    MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL, PUBLIC_PORT_NAME, admin_token_secret_name,
+    daemon_pool_name,
+};
 
 /// The one server-side-apply field manager of every write the controller makes.
 pub const FIELD_MANAGER: &str = "skillkv-operator";
@@ -9,18 +16,6 @@ pub const FIELD_MANAGER: &str = "skillkv-operator";
 pub const SKILL_FINALIZER: &str = "skillkv.io/unpin-skill";
 /// Pod readiness gate (and condition type) set once a pod's pinned skills are warm.
 pub const SKILLS_WARM_CONDITION: &str = "skillkv.io/skills-warm";
-/// Label naming the ModelDeployment a daemon pod (or child object) belongs to.
-pub const MODEL_LABEL: &str = "skillkv.io/model-deployment";
-/// Label `app.kubernetes.io/managed-by`, set on every child.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-/// Value of [`MANAGED_BY_LABEL`].
-pub const MANAGED_BY: &str = "skillkv-operator";
-/// Label `app.kubernetes.io/component` of daemon pods and their children.
-pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
-/// Value of [`COMPONENT_LABEL`] for daemon pods.
-pub const DAEMON_COMPONENT: &str = "daemon";
-/// Key of the admin bearer token in the per-ModelDeployment Secret.
-pub const ADMIN_TOKEN_KEY: &str = "token";
 /// Where daemon pods mount the admin-token Secret.
 pub const ADMIN_TOKEN_MOUNT: &str = "/var/run/skillkv/admin";
 /// Public (OpenAI API, health) port of a daemon pod.
@@ -53,14 +48,4 @@ pub fn selector_string(model_deployment: &str) -> String {
         .map(|(key, value)| format!("{key}={value}"))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// Name of the daemon Deployment and the headless Service of a ModelDeployment.
-pub fn daemon_pool_name(model_deployment: &str) -> String {
-    format!("{model_deployment}-daemon")
-}
-
-/// Name of the Secret holding a ModelDeployment's daemon admin token.
-pub fn admin_token_secret_name(model_deployment: &str) -> String {
-    format!("{model_deployment}-admin-token")
 }

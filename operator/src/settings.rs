@@ -60,7 +60,7 @@ pub struct ControllerSettings {
     #[arg(
         long,
         env = "SKILLKV_API_KEY_SELECTOR",
-        default_value = "skillkv.io/api-key=true"
+        default_value = skillkv_api::names::API_KEY_SELECTOR
     )]
     pub api_key_selector: String,
 
@@ -126,7 +126,7 @@ impl Default for ControllerSettings {
             namespace: "default".to_owned(),
             identity: "skillkv-controller-local".to_owned(),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
-            api_key_selector: "skillkv.io/api-key=true".to_owned(),
+            api_key_selector: skillkv_api::names::API_KEY_SELECTOR.to_owned(),
             log_format: "json".to_owned(),
             resync_seconds: 60,
             progress_seconds: 5,

@@ -198,7 +198,7 @@ pub struct RouterArgs {
     #[arg(
         long,
         env = "SKILLKV_API_KEY_SELECTOR",
-        default_value = "skillkv.io/api-key=true"
+        default_value = skillkv_api::names::API_KEY_SELECTOR
     )]
     pub api_key_selector: String,
     /// Kubernetes discovery: the router's own Service (in `--namespace`). The rate limits are

@@ -182,8 +182,8 @@ pub fn build_daemon_deployment(
         args: Some(args),
         env: Some(env),
         ports: Some(vec![
-            container_port("http", names::DAEMON_PUBLIC_PORT),
-            container_port("admin", names::DAEMON_ADMIN_PORT),
+            container_port(names::PUBLIC_PORT_NAME, names::DAEMON_PUBLIC_PORT),
+            container_port(names::ADMIN_PORT_NAME, names::DAEMON_ADMIN_PORT),
         ]),
         resources: Some(resources(model)),
         volume_mounts: Some(mounts),
@@ -312,7 +312,7 @@ fn http_probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Probe 
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            port: IntOrString::String("http".to_owned()),
+            port: IntOrString::String(names::PUBLIC_PORT_NAME.to_owned()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period_seconds),

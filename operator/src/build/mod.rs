@@ -78,8 +78,8 @@ pub fn build_daemon_service(model: &ModelDeployment) -> Result<Service, BuildChi
             cluster_ip: Some("None".to_owned()),
             selector: Some(names::selector_labels(&name)),
             ports: Some(vec![
-                service_port("http", names::DAEMON_PUBLIC_PORT),
-                service_port("admin", names::DAEMON_ADMIN_PORT),
+                service_port(names::PUBLIC_PORT_NAME, names::DAEMON_PUBLIC_PORT),
+                service_port(names::ADMIN_PORT_NAME, names::DAEMON_ADMIN_PORT),
             ]),
             ..ServiceSpec::default()
         }),

@@ -112,6 +112,7 @@ impl Discovery {
         let mut tasks = JoinSet::new();
         tracing::info!(namespace = namespace.unwrap_or("<all>"), api_keys = ?config.api_key_selector, rate_limits = config.watch_rate_limits, router_service = ?config.router_service, "discovering backends in the cluster");
 
+        let children_selector = names::daemon_children_selector();
         let (pool_changed, pool_rx) = Trigger::new();
         let triggers = || vec![pool_changed.clone()];
         let (models, task) = reflect(
@@ -124,7 +125,7 @@ impl Discovery {
         tasks.spawn(task);
         let (slices, task) = reflect(
             api(&client, namespace),
-            Some(names::DAEMON_CHILDREN_SELECTOR),
+            Some(&children_selector),
             "endpointslices",
             triggers(),
             metrics.clone(),
@@ -132,7 +133,7 @@ impl Discovery {
         tasks.spawn(task);
         let (tokens, task) = reflect(
             api(&client, namespace),
-            Some(names::DAEMON_CHILDREN_SELECTOR),
+            Some(&children_selector),
             "secrets",
             triggers(),
             metrics.clone(),
