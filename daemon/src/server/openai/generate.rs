@@ -352,3 +352,77 @@ pub fn log_prompt(state: &AppState, prompt: &str) {
         tracing::debug!(prompt, "prompt");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use skillkv_api::skills::SkillDocument;
+    use skillkv_api::v1alpha1::Assembly;
+
+    use super::*;
+    use crate::skills::SkillVersion;
+
+    fn skill(name: &str, assembly: Assembly) -> ResolvedSkill {
+        let text = format!("---\nname: {name}\ndescription: d\n---\nbody\n");
+        let document = SkillDocument::parse(Path::new("SKILL.md"), text).expect("parses");
+        ResolvedSkill {
+            name: name.to_string(),
+            version: Arc::new(SkillVersion {
+                document,
+                prefix_tokens: Vec::new(),
+            }),
+            warm: true,
+            assembly,
+            counters: Arc::default(),
+        }
+    }
+
+    fn header(skills: Vec<(ResolvedSkill, Range<usize>)>) -> String {
+        let skills = PromptSkills {
+            skills,
+            detected: false,
+        };
+        let (name, value) = skills.cache_header();
+        assert_eq!(name, CACHE_HEADER);
+        value.to_str().expect("ascii").to_string()
+    }
+
+    #[test]
+    fn the_cache_header_names_the_mode_that_serves_the_prompt() {
+        let modular_later = header(vec![
+            (skill("a", Assembly::Exact), 0..40),
+            (skill("b", Assembly::Modular), 40..90),
+        ]);
+        assert_eq!(
+            modular_later,
+            "mode=modular; skills=a,b; selection=named; warm=a,b"
+        );
+        // A modular first skill sits at position 0: its pinned KV is the exact prefix.
+        let modular_first = header(vec![
+            (skill("a", Assembly::Modular), 0..40),
+            (skill("b", Assembly::Exact), 40..90),
+        ]);
+        assert!(modular_first.starts_with("mode=exact;"), "{modular_first}");
+        assert!(header(Vec::new()).starts_with("mode=exact; skills=none"));
+    }
+
+    #[test]
+    fn modular_spans_carry_the_recompute_setting() {
+        let skills = PromptSkills {
+            skills: vec![
+                (skill("a", Assembly::Modular), 0..40),
+                (skill("b", Assembly::Modular), 40..90),
+            ],
+            detected: true,
+        };
+        assert_eq!(
+            skills.modular_spans(8),
+            vec![ModularSpan {
+                start: 40,
+                len: 50,
+                recompute: 8
+            }]
+        );
+    }
+}
