@@ -23,7 +23,7 @@ pub mod tokenizer;
 
 pub use handle::{
     Engine, EngineConfig, EngineHandle, FinishReason, GenerateRequest, GenerationEvent,
-    GenerationStream, KvCacheSize, SubmitError,
+    GenerationStream, KvCacheSize, ModularSpan, SubmitError,
 };
 pub use scheduler::ForwardModel;
 pub use stats::{EngineStats, KvStats};

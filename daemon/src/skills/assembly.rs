@@ -9,11 +9,28 @@
 //! prefix of every request whose first skill it is, so the radix cache reuses it bit for bit.
 //! Templates that do not render message lists prefix-stably are detected and reported as an
 //! error instead of silently producing tokens the cache cannot match.
+//!
+//! Two assembly modes serve the skill segments ([`Assembly`], a skill's `spec.assembly`):
+//! `exact` reuses KV only through the radix prefix (bit-exact; combinations are cached lazily
+//! by the requests that compute them), `modular` serves a later skill's segment from its own
+//! pinned KV, copied and re-rotated to the segment's position ([`modular_spans`]). The rule
+//! when modes mix is per skill: the first skill is always exact (it starts at position 0, where
+//! its pinned KV is the exact prefix), and every later skill marked `modular` is copied; tokens
+//! of exact skills after a copied one are computed on top of it.
 
 use std::ops::Range;
 
+use skillkv_api::v1alpha1::Assembly;
+
+use crate::engine::ModularSpan;
 use crate::engine::chat_template::{ChatMessage, ChatTemplate, RenderTemplateError};
 use crate::engine::tokenizer::{EncodeTextError, GgufTokenizer};
+
+/// Default of [`crate::skills::SkillsConfig::modular_recompute_tokens`]: how many leading
+/// tokens of each copied skill segment are computed in context. On SmolLM2-135M (`skillkv bench
+/// modular`, docs/benchmarks.md) 16 halves the first-token KL against exact assembly and raises
+/// greedy agreement from 10 to 17 of 32 tokens, for 16 tokens of prefill per copied skill.
+pub const DEFAULT_MODULAR_RECOMPUTE_TOKENS: usize = 16;
 
 /// The role skill messages are rendered with.
 pub const SKILL_ROLE: &str = "system";
@@ -96,6 +113,22 @@ pub fn assemble_chat(
     })
 }
 
+/// The segments of a prompt that modular assembly copies: the spans of every skill after the
+/// first whose mode is [`Assembly::Modular`], each with its first `recompute` tokens computed in
+/// context. `skills` are the prompt's skills in order, with their mode and segment.
+pub fn modular_spans(skills: &[(Assembly, Range<usize>)], recompute: usize) -> Vec<ModularSpan> {
+    skills
+        .iter()
+        .skip(1)
+        .filter(|(assembly, span)| *assembly == Assembly::Modular && !span.is_empty())
+        .map(|(_, span)| ModularSpan {
+            start: span.start,
+            len: span.len(),
+            recompute,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +151,24 @@ mod tests {
         assert_eq!(prompt.skill_spans[0], 0..alone.len());
         assert_eq!(prompt.skill_spans[1].start, alone.len());
         assert!(prompt.skill_spans[1].end < prompt.tokens.len());
+    }
+
+    #[test]
+    fn modular_spans_skip_the_first_skill_and_exact_ones() {
+        let skills = [
+            (Assembly::Modular, 0..40),
+            (Assembly::Exact, 40..70),
+            (Assembly::Modular, 70..99),
+        ];
+        assert_eq!(
+            modular_spans(&skills, 4),
+            vec![ModularSpan {
+                start: 70,
+                len: 29,
+                recompute: 4
+            }]
+        );
+        assert!(modular_spans(&skills[..2], 0).is_empty());
     }
 
     #[test]

@@ -9,7 +9,9 @@ pub mod directory;
 pub mod registry;
 pub mod store;
 
-pub use assembly::{AssemblePromptError, AssembledPrompt, assemble_chat, skill_prefix_tokens};
+pub use assembly::{
+    AssemblePromptError, AssembledPrompt, assemble_chat, modular_spans, skill_prefix_tokens,
+};
 pub use desired::{ApplyDesiredStateError, DesiredStateManager};
 pub use directory::{LoadSkillDirError, load_skill_dir};
 pub use registry::{

@@ -1,6 +1,7 @@
 //! `skillkv bench …`: benchmarks that print ratios measured side by side in one run.
 
 pub mod engine;
+pub mod modular;
 pub mod skills;
 
 use clap::{Args, Subcommand};
@@ -20,6 +21,8 @@ pub enum BenchCommand {
     Engine(engine::BenchEngineArgs),
     /// The skills workload: skill KV cache off vs on, and start-to-Ready with the node's store.
     Skills(skills::BenchSkillsArgs),
+    /// Modular vs exact skill assembly on a real model: greedy agreement and next-token KL.
+    Modular(modular::BenchModularArgs),
 }
 
 /// Runs `skillkv bench …`.
@@ -27,6 +30,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Engine(args) => engine::run(&args)?,
         BenchCommand::Skills(args) => skills::run(&args)?,
+        BenchCommand::Modular(args) => modular::run(&args)?,
     }
     Ok(())
 }

@@ -152,7 +152,20 @@ impl EngineHandle {
     /// Queues a generation. Answers at once: [`SubmitError::Overloaded`] when `max_waiting`
     /// requests already wait.
     pub fn submit(&self, request: GenerateRequest) -> Result<GenerationStream, SubmitError> {
+        self.submit_assembled(request, Vec::new())
+    }
+
+    /// Queues a generation whose prompt segments `modular` may be served from their own
+    /// independently prefilled KV (modular skill assembly, see [`ModularSpan`]). Spans that
+    /// overlap an earlier one or reach past the prompt are ignored (with a warning): they only
+    /// ever save work, so the prompt is then computed instead.
+    pub fn submit_assembled(
+        &self,
+        request: GenerateRequest,
+        modular: Vec<ModularSpan>,
+    ) -> Result<GenerationStream, SubmitError> {
         self.validate(&request.prompt_tokens, Some(&request.sampling))?;
+        let modular = usable_spans(modular, request.prompt_tokens.len());
         let max_waiting = self.shared.config.max_waiting;
         self.shared
             .waiting_new
@@ -180,6 +193,7 @@ impl EngineHandle {
             Purpose::Generate(Box::new(generation)),
             true,
         );
+        let seq = Sequence { modular, ..seq };
         let id = seq.id;
         match self
             .shared
@@ -347,12 +361,40 @@ impl EngineHandle {
             computed: 0,
             registered: 0,
             cached_tokens: 0,
+            modular: Vec::new(),
+            copied: Vec::new(),
+            register_limit: usize::MAX,
             arrival: Instant::now(),
             admitted_once: false,
             holds_waiting_slot,
             purpose,
         }
     }
+}
+
+/// The spans that are in order, disjoint and inside a prompt of `prompt_len` tokens.
+fn usable_spans(spans: Vec<ModularSpan>, prompt_len: usize) -> Vec<ModularSpan> {
+    let mut end = 0;
+    spans
+        .into_iter()
+        .filter(|span| {
+            let fits = span.start >= end
+                && span
+                    .start
+                    .checked_add(span.len)
+                    .is_some_and(|span_end| span_end <= prompt_len);
+            if fits {
+                end = span.start + span.len;
+            } else {
+                tracing::warn!(
+                    ?span,
+                    prompt_len,
+                    "ignoring a modular span outside the prompt"
+                );
+            }
+            fits
+        })
+        .collect()
 }
 
 /// The events of one generation. Dropping it (or calling [`Self::cancel`]) cancels the

@@ -72,6 +72,23 @@ pub struct GenerateRequest {
     pub adapter: Option<String>,
 }
 
+/// A segment of a prompt that modular skill assembly serves from the segment's own KV: the
+/// prompt tokens `start .. start + len` are a prefix (a skill's `[system: skill]`) that was
+/// prefilled on its own from position 0 and cached (pinned) under the same namespace. At
+/// admission the engine looks the segment's full blocks up by their hashes (chained from the
+/// namespace root, so a match guarantees the same tokens), copies their K and V rows into the
+/// sequence's own blocks with K turned by `start` positions (RoPE), and computes only the rest.
+/// Whatever is not cached is computed normally; the prompt's last token is always computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModularSpan {
+    /// Position of the segment's first token in the prompt.
+    pub start: usize,
+    /// Tokens in the segment.
+    pub len: usize,
+    /// Leading tokens of the segment that are computed in context instead of copied.
+    pub recompute: usize,
+}
+
 /// Why a sequence stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -92,8 +109,11 @@ pub enum FinishReason {
 pub enum GenerationEvent {
     /// The request was admitted.
     Started {
-        /// Prompt tokens whose KV came from the prefix cache.
+        /// Prompt tokens whose KV came from the prefix cache (exact reuse only).
         cached_tokens: usize,
+        /// Prompt tokens whose KV was copied from independently prefilled skill KV (modular
+        /// assembly, see [`ModularSpan`]); not counted in `cached_tokens`.
+        modular_tokens: usize,
         /// Time from submission to admission.
         queue_time: Duration,
     },

@@ -1,5 +1,5 @@
 //! Admission of waiting sequences: prefix lookup, the block check, block allocation (with the
-//! copy-on-write of a fully cached last block) and the `Started` event.
+//! copy-on-write of a fully cached last block), modular copies and the `Started` event.
 
 use crate::engine::batch::BLOCK_SIZE;
 use crate::engine::blocks::blocks_for_tokens;
@@ -25,6 +25,7 @@ impl<M: ForwardModel> Scheduler<M> {
             match self.try_admit(&mut seq) {
                 Ok(()) => {
                     self.on_admitted(&mut seq);
+                    seq.skip_copied();
                     return Some(seq);
                 }
                 Err(Refusal::NoRoomYet) => {
@@ -45,12 +46,28 @@ impl<M: ForwardModel> Scheduler<M> {
         }
     }
 
-    /// Takes the cached prefix and allocates blocks for every other token of `seq`.
+    /// Takes the cached prefix, allocates blocks for every other token of `seq` and copies its
+    /// modular segments' KV into them. The prefix is reused only up to the block of the first
+    /// copied position, so that a modular request's KV never depends on which combinations
+    /// other requests happened to cache.
     fn try_admit(&mut self, seq: &mut Sequence) -> Result<(), Refusal> {
         seq.extend_hashes();
+        seq.copied.clear();
+        seq.register_limit = usize::MAX;
         let len = seq.tokens.len();
+        let sources = if self.limits.reuse_prefixes {
+            self.acquire_copy_sources(seq)
+        } else {
+            Vec::new()
+        };
+        let reusable = sources
+            .first()
+            .map_or(seq.hashes.len(), |source| {
+                source.first_position() / BLOCK_SIZE
+            })
+            .min(seq.hashes.len());
         let mut shared = if self.limits.reuse_prefixes {
-            self.cache.acquire_prefix(&seq.hashes)
+            self.cache.acquire_prefix(&seq.hashes[..reusable])
         } else {
             Vec::new()
         };
@@ -61,6 +78,7 @@ impl<M: ForwardModel> Scheduler<M> {
         if needed > self.cache.available() {
             let available = self.cache.available();
             self.cache.release_all(shared);
+            self.release_copy_sources(sources);
             return Err(if self.running.is_empty() {
                 Refusal::NeverFits { needed, available }
             } else {
@@ -76,6 +94,7 @@ impl<M: ForwardModel> Scheduler<M> {
                     tracing::error!(seq = seq.id, "allocation failed despite available blocks");
                     self.cache.release_all(fresh);
                     self.cache.release_all(shared);
+                    self.release_copy_sources(sources);
                     return Err(Refusal::NoRoomYet);
                 }
             }
@@ -89,6 +108,7 @@ impl<M: ForwardModel> Scheduler<M> {
         for block in shared.into_iter().chain(fresh) {
             seq.table.push(block);
         }
+        self.copy_sources(seq, sources);
         if copy_last {
             seq.computed = len - 1;
             seq.registered = matched - 1;
@@ -118,6 +138,7 @@ impl<M: ForwardModel> Scheduler<M> {
         if let Purpose::Generate(generation) = &seq.purpose {
             let started = GenerationEvent::Started {
                 cached_tokens: seq.cached_tokens,
+                modular_tokens: seq.copied_tokens(),
                 queue_time: seq.arrival.elapsed(),
             };
             // A closed channel is noticed (and the sequence dropped) at the next step.
@@ -128,6 +149,7 @@ impl<M: ForwardModel> Scheduler<M> {
             request_id = %seq.request_id,
             prompt_tokens = seq.prompt_len,
             cached_tokens = seq.cached_tokens,
+            modular_tokens = seq.copied_tokens(),
             "admitted"
         );
     }

@@ -14,11 +14,16 @@
 //! 4. one forward pass runs the batch; sequences whose chunk reached their last token sample
 //!    the next one; newly full blocks go into the prefix cache; finished sequences leave.
 //!
+//! Modular skill assembly ([`crate::engine::ModularSpan`]) copies a segment's independently
+//! prefilled KV into the sequence's own blocks at admission (see `modular`); the chunks then
+//! skip the copied positions, and blocks from the first copied one on never enter the cache.
+//!
 //! The last prompt token is always recomputed: a prompt of exactly `k` cached full blocks
 //! reuses all `k`, but its last block is copied (copy-on-write) so that the recomputed last token
 //! writes into a private block, never into a shared one.
 
 mod admission;
+mod modular;
 mod outcome;
 pub mod sequence;
 pub mod text;
@@ -34,6 +39,7 @@ use tokio::sync::broadcast;
 use crate::engine::batch::{ForwardBatch, ForwardOutput, SeqChunk};
 use crate::engine::gguf::ModelConfig;
 use crate::engine::kv_pool::KvPool;
+use crate::engine::model::ops::RopeTable;
 use crate::engine::radix::{CacheEvent, PrefixCache};
 use crate::engine::stats::EngineStats;
 
@@ -90,6 +96,8 @@ pub struct Scheduler<M: ForwardModel> {
     eos: Option<u32>,
     preemptions: u64,
     cache_events: broadcast::Sender<CacheEvent>,
+    /// The model's rotary frequencies, for turning copied K by a position delta.
+    rope: RopeTable,
 }
 
 impl<M: ForwardModel> Scheduler<M> {
@@ -103,6 +111,8 @@ impl<M: ForwardModel> Scheduler<M> {
         cache_events: broadcast::Sender<CacheEvent>,
     ) -> Self {
         let kv = KvPool::new(model.config(), num_blocks);
+        let config = model.config();
+        let rope = RopeTable::new(config.head_dim, config.rope_theta, 1);
         Self {
             model,
             limits,
@@ -116,6 +126,7 @@ impl<M: ForwardModel> Scheduler<M> {
             eos,
             preemptions: 0,
             cache_events,
+            rope,
         }
     }
 
@@ -219,7 +230,7 @@ impl<M: ForwardModel> Scheduler<M> {
         let mut preempted = false;
         let mut index = 0;
         while index < self.running.len() && budget > 0 {
-            let len = self.running[index].pending_tokens().min(budget);
+            let len = self.running[index].next_chunk_len(budget);
             let end = self.running[index].computed + len;
             if !self.grow_table(index, end, &mut preempted) {
                 break;
@@ -235,7 +246,7 @@ impl<M: ForwardModel> Scheduler<M> {
             let Some(seq) = self.admit_next() else {
                 break;
             };
-            let len = seq.pending_tokens().min(budget);
+            let len = seq.next_chunk_len(budget);
             self.running.push(seq);
             plan.push(Planned {
                 index: self.running.len() - 1,

@@ -31,6 +31,7 @@ impl<M: ForwardModel> Scheduler<M> {
             let end = seq.computed + planned.len;
             let wants = wants_logits(seq, end);
             seq.computed = end;
+            seq.skip_copied();
             if wants {
                 let ending = match rows.next() {
                     Some(row) => {
@@ -200,11 +201,14 @@ fn sample_next(
     }
 }
 
-/// Inserts the sequence's newly full, computed blocks into the prefix cache; where the same
-/// content is already cached in another block, the sequence switches to that block.
+/// Inserts the sequence's newly full, computed blocks into the prefix cache (never those from
+/// its first modular-copied position on); where the same content is already cached in another
+/// block, the sequence switches to that block.
 pub(super) fn register_full_blocks(cache: &mut PrefixCache, seq: &mut Sequence) {
     seq.extend_hashes();
-    let full = (seq.computed / BLOCK_SIZE).min(seq.hashes.len());
+    let full = (seq.computed / BLOCK_SIZE)
+        .min(seq.hashes.len())
+        .min(seq.register_limit);
     while seq.registered < full {
         let index = seq.registered;
         let parent = index.checked_sub(1).map(|p| seq.hashes[p]);

@@ -1,13 +1,14 @@
 //! One sequence inside the scheduler: its tokens, how many of them have KV in the pool, its
 //! block table, its block hashes, and where its results go.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use skillkv_api::block_hash::{BLOCK_TOKENS, BlockHash, chain};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::blocks::BlockTable;
-use crate::engine::handle::{GenerationEvent, PinError, PinnedPrefix};
+use crate::engine::handle::{GenerationEvent, ModularSpan, PinError, PinnedPrefix};
 use crate::engine::sampling::{Sampler, SamplingParams};
 use crate::engine::scheduler::text::TextState;
 
@@ -59,6 +60,13 @@ pub struct Sequence {
     pub registered: usize,
     /// Prompt tokens served from the prefix cache at first admission.
     pub cached_tokens: usize,
+    /// Segments modular assembly may copy from their own cached KV (sorted, disjoint).
+    pub modular: Vec<ModularSpan>,
+    /// Prompt positions whose KV this admission copied (sorted, disjoint); the chunks skip them.
+    pub copied: Vec<Range<usize>>,
+    /// Leading blocks that may enter the prefix cache: blocks holding or following copied KV
+    /// are not the exact KV of their tokens, so they are never cached.
+    pub register_limit: usize,
     /// When the request was submitted.
     pub arrival: Instant,
     /// Whether the sequence has been admitted at least once.
@@ -89,6 +97,32 @@ impl Sequence {
     /// Tokens still to run through the model before the next logits.
     pub fn pending_tokens(&self) -> usize {
         self.tokens.len() - self.computed
+    }
+
+    /// Tokens of the next chunk under a budget: up to the next copied range, if any.
+    pub fn next_chunk_len(&self, budget: usize) -> usize {
+        let until_copy = self
+            .copied
+            .iter()
+            .find(|range| range.start >= self.computed)
+            .map_or(usize::MAX, |range| range.start - self.computed);
+        self.pending_tokens().min(budget).min(until_copy)
+    }
+
+    /// Moves `computed` past a copied range that starts where it stands.
+    pub fn skip_copied(&mut self) {
+        while let Some(range) = self
+            .copied
+            .iter()
+            .find(|range| range.start == self.computed && !range.is_empty())
+        {
+            self.computed = range.end;
+        }
+    }
+
+    /// Prompt tokens whose KV this admission copied.
+    pub fn copied_tokens(&self) -> usize {
+        self.copied.iter().map(ExactSizeIterator::len).sum()
     }
 
     /// Whether the caller is gone (its receiver dropped).

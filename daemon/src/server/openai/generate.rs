@@ -10,11 +10,13 @@ use axum::http::{HeaderName, HeaderValue};
 
 use crate::engine::sampling::SamplingParams;
 use crate::engine::tokenizer::GgufTokenizer;
-use crate::engine::{FinishReason, GenerateRequest, GenerationEvent, GenerationStream};
+use crate::engine::{
+    FinishReason, GenerateRequest, GenerationEvent, GenerationStream, ModularSpan,
+};
 use crate::server::AppState;
 use crate::server::errors::ApiError;
 use crate::server::metrics::{Metrics, TokenUsage};
-use crate::skills::ResolvedSkill;
+use crate::skills::{ResolvedSkill, modular_spans};
 
 /// Response header naming the cache mode and the skills used.
 pub const CACHE_HEADER: &str = "x-skillkv-cache";
@@ -29,9 +31,31 @@ pub struct PromptSkills {
 }
 
 impl PromptSkills {
-    /// `x-skillkv-cache: mode=exact; skills=a,b; selection=named|detected; warm=a` — the
-    /// assembly mode (exact prefix reuse), the skills in prompt order, how they were chosen and
-    /// which of them had pinned KV.
+    /// The segments modular assembly serves from the skills' own KV (see
+    /// [`crate::skills::assembly`]), each with its first `recompute` tokens computed in context.
+    pub fn modular_spans(&self, recompute: usize) -> Vec<ModularSpan> {
+        let skills: Vec<_> = self
+            .skills
+            .iter()
+            .map(|(skill, span)| (skill.assembly, span.clone()))
+            .collect();
+        modular_spans(&skills, recompute)
+    }
+
+    /// The assembly mode that serves the prompt: `modular` when some segment is copied from a
+    /// skill's own KV, `exact` (radix prefix reuse only) otherwise.
+    pub fn mode(&self) -> &'static str {
+        if self.modular_spans(0).is_empty() {
+            "exact"
+        } else {
+            "modular"
+        }
+    }
+
+    /// `x-skillkv-cache: mode=exact|modular; skills=a,b; selection=named|detected; warm=a` —
+    /// the assembly mode (exact prefix reuse, or modular: later skills' own KV copied and
+    /// re-rotated), the skills in prompt order, how they were chosen and which of them had
+    /// pinned KV.
     pub fn cache_header(&self) -> (HeaderName, HeaderValue) {
         let list = |names: Vec<&str>| {
             if names.is_empty() {
@@ -49,7 +73,8 @@ impl PromptSkills {
                 .collect(),
         );
         let selection = if self.detected { "detected" } else { "named" };
-        let value = format!("mode=exact; skills={names}; selection={selection}; warm={warm}");
+        let mode = self.mode();
+        let value = format!("mode={mode}; skills={names}; selection={selection}; warm={warm}");
         (
             HeaderName::from_static(CACHE_HEADER),
             HeaderValue::from_str(&value)
@@ -148,12 +173,16 @@ impl Generation {
     ) -> Result<Self, ApiError> {
         let serving = state.serving()?;
         let want_logprobs = sampling.logprobs.is_some();
-        let stream = serving.engine.submit(GenerateRequest {
-            request_id: request_id.to_string(),
-            prompt_tokens,
-            sampling,
-            adapter: None,
-        })?;
+        let modular = skills.modular_spans(serving.skills.config().modular_recompute_tokens);
+        let stream = serving.engine.submit_assembled(
+            GenerateRequest {
+                request_id: request_id.to_string(),
+                prompt_tokens,
+                sampling,
+                adapter: None,
+            },
+            modular,
+        )?;
         let timeout = state.config.request_timeout;
         Ok(Self {
             stream,
@@ -191,9 +220,16 @@ impl Generation {
                 Some(GenerationEvent::Started {
                     queue_time,
                     cached_tokens,
+                    modular_tokens,
                 }) => {
                     self.metrics.queue.observe(queue_time.as_secs_f64());
                     self.skills.record_use(cached_tokens);
+                    tracing::debug!(
+                        mode = self.skills.mode(),
+                        cached_tokens,
+                        modular_tokens,
+                        "generation admitted"
+                    );
                 }
                 Some(GenerationEvent::Token {
                     id,
@@ -314,5 +350,79 @@ impl Generation {
 pub fn log_prompt(state: &AppState, prompt: &str) {
     if state.config.log_content {
         tracing::debug!(prompt, "prompt");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use skillkv_api::skills::SkillDocument;
+    use skillkv_api::v1alpha1::Assembly;
+
+    use super::*;
+    use crate::skills::SkillVersion;
+
+    fn skill(name: &str, assembly: Assembly) -> ResolvedSkill {
+        let text = format!("---\nname: {name}\ndescription: d\n---\nbody\n");
+        let document = SkillDocument::parse(Path::new("SKILL.md"), text).expect("parses");
+        ResolvedSkill {
+            name: name.to_string(),
+            version: Arc::new(SkillVersion {
+                document,
+                prefix_tokens: Vec::new(),
+            }),
+            warm: true,
+            assembly,
+            counters: Arc::default(),
+        }
+    }
+
+    fn header(skills: Vec<(ResolvedSkill, Range<usize>)>) -> String {
+        let skills = PromptSkills {
+            skills,
+            detected: false,
+        };
+        let (name, value) = skills.cache_header();
+        assert_eq!(name, CACHE_HEADER);
+        value.to_str().expect("ascii").to_string()
+    }
+
+    #[test]
+    fn the_cache_header_names_the_mode_that_serves_the_prompt() {
+        let modular_later = header(vec![
+            (skill("a", Assembly::Exact), 0..40),
+            (skill("b", Assembly::Modular), 40..90),
+        ]);
+        assert_eq!(
+            modular_later,
+            "mode=modular; skills=a,b; selection=named; warm=a,b"
+        );
+        // A modular first skill sits at position 0: its pinned KV is the exact prefix.
+        let modular_first = header(vec![
+            (skill("a", Assembly::Modular), 0..40),
+            (skill("b", Assembly::Exact), 40..90),
+        ]);
+        assert!(modular_first.starts_with("mode=exact;"), "{modular_first}");
+        assert!(header(Vec::new()).starts_with("mode=exact; skills=none"));
+    }
+
+    #[test]
+    fn modular_spans_carry_the_recompute_setting() {
+        let skills = PromptSkills {
+            skills: vec![
+                (skill("a", Assembly::Modular), 0..40),
+                (skill("b", Assembly::Modular), 40..90),
+            ],
+            detected: true,
+        };
+        assert_eq!(
+            skills.modular_spans(8),
+            vec![ModularSpan {
+                start: 40,
+                len: 50,
+                recompute: 8
+            }]
+        );
     }
 }

@@ -41,6 +41,9 @@ pub struct SkillsConfig {
     pub detector: DetectorConfig,
     /// Most skills one request may name.
     pub max_skills_per_request: usize,
+    /// Leading tokens of each modular skill segment computed in context instead of copied
+    /// (see [`crate::skills::assembly::modular_spans`]).
+    pub modular_recompute_tokens: usize,
 }
 
 impl Default for SkillsConfig {
@@ -50,6 +53,7 @@ impl Default for SkillsConfig {
             kv_bytes_per_token: 0,
             detector: DetectorConfig::default(),
             max_skills_per_request: 8,
+            modular_recompute_tokens: crate::skills::assembly::DEFAULT_MODULAR_RECOMPUTE_TOKENS,
         }
     }
 }
@@ -95,6 +99,8 @@ pub struct ResolvedSkill {
     pub version: Arc<SkillVersion>,
     /// Whether that version's KV is pinned.
     pub warm: bool,
+    /// How it is assembled into the request (its `spec.assembly`).
+    pub assembly: Assembly,
     /// Its counters.
     pub counters: Arc<SkillCounters>,
 }
@@ -487,6 +493,7 @@ impl SkillRegistry {
                     name,
                     version,
                     warm,
+                    assembly: entry.assembly,
                     counters: entry.counters.clone(),
                 })
             })

@@ -1,0 +1,209 @@
+//! Modular skill assembly on the tiny synthetic model, through the engine's public API: a single
+//! skill is served bit for bit as exact assembly does; a later skill's pinned KV is copied (and
+//! counted apart from exact reuse); the copied blocks are freed afterwards, the pinned blocks are
+//! left untouched and the modular KV never enters the exact prefix cache.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use skillkv_daemon::engine::handle::{PinRequest, PinnedPrefix};
+use skillkv_daemon::engine::model::{LlamaModel, LoadOptions};
+use skillkv_daemon::engine::sampling::SamplingParams;
+use skillkv_daemon::engine::testing::{TinyModelSpec, write_tiny_gguf};
+use skillkv_daemon::engine::{
+    Engine, EngineConfig, EngineHandle, GenerateRequest, GenerationEvent, KvCacheSize, ModularSpan,
+};
+
+const BLOCKS: usize = 64;
+
+fn engine(label: &str) -> EngineHandle {
+    let path: PathBuf = std::env::temp_dir().join(format!(
+        "skillkv-modular-{label}-{}.gguf",
+        std::process::id()
+    ));
+    write_tiny_gguf(&path, &TinyModelSpec::default()).expect("tiny model");
+    let loaded = LlamaModel::load(&path, &LoadOptions::default()).expect("loads");
+    let _ = std::fs::remove_file(&path);
+    Engine::start(
+        Arc::new(loaded.model),
+        None,
+        EngineConfig {
+            kv_cache: KvCacheSize::Blocks(BLOCKS),
+            max_batch_tokens: 256,
+            ..EngineConfig::default()
+        },
+    )
+    .expect("engine starts")
+}
+
+/// Deterministic tokens below the tiny vocabulary.
+fn tokens(len: usize, salt: u32) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(37).wrapping_add(salt * 101)) % 300 + 3)
+        .collect()
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        request_id: "modular".to_string(),
+        prompt_tokens: prompt,
+        sampling: SamplingParams {
+            max_tokens,
+            ignore_eos: true,
+            logprobs: Some(5),
+            ..SamplingParams::greedy()
+        },
+        adapter: None,
+    }
+}
+
+/// What a finished generation reported.
+#[derive(Debug, Default, PartialEq)]
+struct Outcome {
+    tokens: Vec<u32>,
+    logprobs: Vec<(f32, Vec<(u32, f32)>)>,
+    started_cached: usize,
+    modular_tokens: usize,
+    finished_cached: usize,
+}
+
+async fn run(engine: &EngineHandle, prompt: Vec<u32>, spans: Vec<ModularSpan>) -> Outcome {
+    let mut stream = engine
+        .submit_assembled(greedy(prompt, 6), spans)
+        .expect("submits");
+    let mut outcome = Outcome::default();
+    while let Some(event) = stream.recv().await {
+        match event {
+            GenerationEvent::Started {
+                cached_tokens,
+                modular_tokens,
+                ..
+            } => {
+                outcome.started_cached = cached_tokens;
+                outcome.modular_tokens = modular_tokens;
+            }
+            GenerationEvent::Token {
+                id,
+                logprob,
+                top_logprobs,
+                ..
+            } => {
+                outcome.tokens.push(id);
+                outcome.logprobs.push((logprob, top_logprobs));
+            }
+            GenerationEvent::Finished { cached_tokens, .. } => {
+                outcome.finished_cached = cached_tokens
+            }
+            GenerationEvent::Failed(error) => panic!("generation failed: {error:#}"),
+        }
+    }
+    outcome
+}
+
+async fn pin(engine: &EngineHandle, tokens: &[u32]) -> PinnedPrefix {
+    engine
+        .pin(PinRequest {
+            tokens: tokens.to_vec(),
+            adapter: None,
+        })
+        .await
+        .expect("pins")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modular_with_a_single_skill_is_exact_bit_for_bit() {
+    let engine = engine("single");
+    let skill = tokens(45, 1);
+    pin(&engine, &skill).await;
+    let prompt: Vec<u32> = skill.iter().copied().chain(tokens(7, 9)).collect();
+    // The first skill's segment starts at position 0: its pinned KV is the exact prefix.
+    let span = ModularSpan {
+        start: 0,
+        len: skill.len(),
+        recompute: 0,
+    };
+    let modular = run(&engine, prompt.clone(), vec![span]).await;
+    assert_eq!(modular.started_cached, 32);
+    assert_eq!(modular.modular_tokens, 0);
+    // The exact request finds more cached (the modular one cached its exact blocks).
+    let exact = run(&engine, prompt, Vec::new()).await;
+    assert_eq!(exact.started_cached, 48);
+    assert_eq!(modular.tokens, exact.tokens);
+    assert_eq!(modular.logprobs, exact.logprobs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_skill_is_copied_counted_apart_and_its_blocks_freed() {
+    let engine = engine("later");
+    let first = tokens(37, 2);
+    let second = tokens(50, 3);
+    let first_pin = pin(&engine, &first).await;
+    let second_pin = pin(&engine, &second).await;
+    let before = engine.kv_stats().await.expect("stats");
+    let second_kv = engine.export_pin(second_pin.id).await.expect("exports");
+    let first_kv = engine.export_pin(first_pin.id).await.expect("exports");
+
+    let question = tokens(9, 4);
+    let prompt: Vec<u32> = [first.as_slice(), &second, &question].concat();
+    let span = ModularSpan {
+        start: first.len(),
+        len: second.len(),
+        recompute: 2,
+    };
+    let modular = run(&engine, prompt.clone(), vec![span]).await;
+    // Exact reuse: the first skill's two full blocks. Copied: the second skill's three full
+    // blocks (48 tokens) minus the two recomputed ones.
+    assert_eq!(modular.started_cached, 32);
+    assert_eq!(modular.finished_cached, 32);
+    assert_eq!(modular.modular_tokens, 48 - 2);
+    assert_eq!(modular.tokens.len(), 6);
+
+    // Everything the request held is back: no block is referenced, the pins are unchanged and
+    // the pinned KV was only read.
+    let after = engine.kv_stats().await.expect("stats");
+    assert_eq!(after.used, 0, "{after:?}");
+    assert_eq!(after.pinned, before.pinned, "{after:?}");
+    assert_eq!(after.free + after.cached, before.free + before.cached);
+    assert_eq!(engine.export_pin(second_pin.id).await, Some(second_kv));
+    assert_eq!(engine.export_pin(first_pin.id).await, Some(first_kv));
+
+    // The modular KV did not enter the exact prefix cache: an exact request for the same prompt
+    // reuses only the first skill (position 37 starts the copied rows, inside block 2).
+    let exact = run(&engine, prompt.clone(), Vec::new()).await;
+    assert_eq!(exact.started_cached, 32);
+    assert_eq!(exact.modular_tokens, 0);
+    // Now the exact combination is cached; a modular request still copies (its KV does not
+    // depend on what other requests cached) and still reports only exact reuse as cached.
+    let again = run(&engine, prompt, vec![span]).await;
+    assert_eq!(again, modular);
+
+    // Many modular requests in a row leak nothing.
+    for salt in 0..4 {
+        let prompt: Vec<u32> = [first.as_slice(), &second, &tokens(5 + salt, salt as u32)].concat();
+        run(&engine, prompt, vec![span]).await;
+    }
+    let end = engine.kv_stats().await.expect("stats");
+    assert_eq!(end.used, 0, "{end:?}");
+    assert_eq!(end.pinned, before.pinned, "{end:?}");
+    assert_eq!(end.free + end.cached + end.pinned, BLOCKS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncached_segment_is_computed_like_exact() {
+    let engine = engine("uncached");
+    let first = tokens(20, 5);
+    pin(&engine, &first).await;
+    // The second segment was never prefilled on its own: nothing to copy, so the request is
+    // served exactly.
+    let prompt: Vec<u32> = [first.as_slice(), &tokens(40, 6), &tokens(4, 7)].concat();
+    let span = ModularSpan {
+        start: first.len(),
+        len: 40,
+        recompute: 0,
+    };
+    let modular = run(&engine, prompt.clone(), vec![span]).await;
+    assert_eq!(modular.modular_tokens, 0);
+    let exact = run(&engine, prompt, Vec::new()).await;
+    assert_eq!(modular.tokens, exact.tokens);
+    assert_eq!(modular.logprobs, exact.logprobs);
+}
