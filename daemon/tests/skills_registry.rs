@@ -37,7 +37,7 @@ fn load(label: &str, pinned_fraction: f64) -> Serving {
         config,
         &SkillsSettings {
             pinned_fraction,
-            store_dir: None,
+            ..SkillsSettings::default()
         },
     )
     .expect("serving loads")

@@ -42,6 +42,7 @@ fn serve(model: &Path, store: &Path) -> Serving {
     let settings = SkillsSettings {
         pinned_fraction: 0.5,
         store_dir: Some(store.to_path_buf()),
+        ..SkillsSettings::default()
     };
     Serving::load(model, config, &settings).expect("serving loads")
 }

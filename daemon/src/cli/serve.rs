@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use skillkv_api::v1alpha1::Assembly;
 
 use crate::engine::{EngineConfig, KvCacheSize};
 use crate::server::serving::{ModelSettings, SkillsSettings};
 use crate::server::{self, Listeners, ServeConfig, ServeError};
+use crate::skills::assembly::DEFAULT_MODULAR_RECOMPUTE_TOKENS;
 
 /// Environment variable with comma-separated API keys.
 pub const API_KEYS_ENV: &str = "SKILLKV_API_KEYS";
@@ -76,6 +78,14 @@ pub struct ServeArgs {
     /// Fraction of the KV cache that skills may pin (0–1).
     #[arg(long, default_value_t = 0.5, value_parser = parse_fraction)]
     pub pinned_fraction: f64,
+    /// How skills from --skills are assembled into requests: `exact` (reuse through the
+    /// prefix cache, bit-exact) or `modular` (later skills copied from their own pinned KV with
+    /// positions re-rotated; approximate, no per-combination prefill).
+    #[arg(long, default_value = "exact", value_parser = parse_assembly)]
+    pub skills_assembly: Assembly,
+    /// Leading tokens of each copied (modular) skill recomputed in context.
+    #[arg(long, default_value_t = DEFAULT_MODULAR_RECOMPUTE_TOKENS)]
+    pub modular_recompute_tokens: usize,
     /// Folder of the node's skill KV store: skills load from it at start instead of being
     /// prefilled again, and fresh prefills are saved to it.
     #[arg(long, env = "SKILLKV_KV_STORE")]
@@ -106,6 +116,14 @@ impl KvDtypeArg {
 
 /// The default KV cache budget, bytes.
 pub const DEFAULT_KV_CACHE_BYTES: usize = 512 * 1024 * 1024;
+
+fn parse_assembly(text: &str) -> Result<Assembly, String> {
+    match text {
+        "exact" => Ok(Assembly::Exact),
+        "modular" => Ok(Assembly::Modular),
+        other => Err(format!("`{other}` is neither `exact` nor `modular`")),
+    }
+}
 
 fn parse_positive_fraction(text: &str) -> Result<f64, String> {
     let value = parse_fraction(text)?;
@@ -235,6 +253,8 @@ impl ServeArgs {
             skills: SkillsSettings {
                 pinned_fraction: self.pinned_fraction,
                 store_dir: self.kv_store.clone(),
+                folder_assembly: self.skills_assembly,
+                modular_recompute_tokens: self.modular_recompute_tokens,
             },
             ..ServeConfig::default()
         })
@@ -285,9 +305,13 @@ mod tests {
             "--kv-cache-fraction=0.25",
             "--context-length=4096",
             "--kv-dtype=f32",
+            "--skills-assembly=modular",
+            "--modular-recompute-tokens=4",
         ])
         .expect("valid flags");
         let config = args.config().expect("config");
+        assert_eq!(config.skills.folder_assembly, Assembly::Modular);
+        assert_eq!(config.skills.modular_recompute_tokens, 4);
         assert_eq!(config.model.kv_cache_fraction, Some(0.25));
         assert_eq!(config.model.context_length, Some(4096));
         let defaults = parse(&["--model=/m.gguf"]).expect("defaults").config();
@@ -307,6 +331,7 @@ mod tests {
             &["--kv-cache-fraction=0.5", "--kv-cache-bytes=1048576"],
             &["--context-length=8"],
             &["--kv-dtype=f64"],
+            &["--skills-assembly=approximate"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");
         }

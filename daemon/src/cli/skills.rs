@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use skillkv_api::admin::{DaemonState, STATE_PATH, SkillOrigin, SkillState};
+use skillkv_api::admin::{DaemonState, STATE_PATH, SkillState};
 use skillkv_api::skills::{DetectorConfig, SkillDetector, SkillDocument};
 use skillkv_api::v1alpha1::{Assembly, PlacementState};
 
@@ -220,6 +220,7 @@ fn run_prefill(out: &mut impl Write, args: &PrefillArgs) -> Result<(), RunSkills
         let settings = SkillsSettings {
             pinned_fraction: 1.0,
             store_dir: args.kv_store.clone(),
+            ..SkillsSettings::default()
         };
         let started = Instant::now();
         let serving = tokio::task::spawn_blocking(move || Serving::load(&model, config, &settings))
@@ -238,13 +239,7 @@ fn run_prefill(out: &mut impl Write, args: &PrefillArgs) -> Result<(), RunSkills
         serving.skills.upsert(
             skills
                 .into_iter()
-                .map(|(name, document)| SkillUpdate {
-                    name,
-                    document,
-                    origin: SkillOrigin::Directory,
-                    assembly: Assembly::Exact,
-                    priority: 0,
-                })
+                .map(|(name, document)| SkillUpdate::from_folder(name, document, Assembly::Exact))
                 .collect(),
         );
         let states = wait_reporting(out, &serving.skills, count).await?;

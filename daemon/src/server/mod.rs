@@ -34,8 +34,6 @@ use self::metrics::{Metrics, RegisterMetricsError};
 use self::serving::{LoadServingError, Serving};
 use crate::skills::{LoadSkillDirError, SkillUpdate, load_skill_dir};
 use crate::telemetry::GpuTelemetry;
-use skillkv_api::admin::SkillOrigin;
-use skillkv_api::v1alpha1::Assembly;
 
 /// State every handler shares.
 #[derive(Debug, Clone)]
@@ -197,16 +195,11 @@ async fn load_in_background(state: AppState) -> Result<(), ServeError> {
             "prefilling skills from the skills folder"
         );
     }
+    let assembly = state.config.skills.folder_assembly;
     serving.skills.upsert(
         skills
             .into_iter()
-            .map(|(name, document)| SkillUpdate {
-                name,
-                document,
-                origin: SkillOrigin::Directory,
-                assembly: Assembly::Exact,
-                priority: 0,
-            })
+            .map(|(name, document)| SkillUpdate::from_folder(name, document, assembly))
             .collect(),
     );
     let _ = state.serving.set(serving);

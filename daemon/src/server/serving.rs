@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use skillkv_api::admin::ModelInfo;
+use skillkv_api::v1alpha1::Assembly;
 
 use crate::engine::chat_template::{ChatTemplate, LoadTemplateError};
 use crate::engine::gguf::LoadModelError;
@@ -13,6 +14,7 @@ use crate::engine::kv_pool::KvPool;
 use crate::engine::model::{LlamaModel, LoadOptions};
 use crate::engine::tokenizer::{BuildTokenizerError, GgufTokenizer};
 use crate::engine::{Engine, EngineConfig, EngineHandle, KvCacheSize};
+use crate::skills::assembly::DEFAULT_MODULAR_RECOMPUTE_TOKENS;
 use crate::skills::store::OpenSkillStoreError;
 use crate::skills::{DesiredStateManager, SkillRegistry, SkillStore, SkillsConfig, StoreIdentity};
 use crate::telemetry::memory::{MemorySources, ReadAvailableMemoryError, available_memory};
@@ -24,6 +26,10 @@ pub struct SkillsSettings {
     pub pinned_fraction: f64,
     /// The node's skill KV store, if any.
     pub store_dir: Option<std::path::PathBuf>,
+    /// How skills read from the skills folder are assembled (the admin API sets its own).
+    pub folder_assembly: Assembly,
+    /// Leading tokens of each copied (modular) skill segment recomputed in context.
+    pub modular_recompute_tokens: usize,
 }
 
 impl Default for SkillsSettings {
@@ -31,6 +37,8 @@ impl Default for SkillsSettings {
         Self {
             pinned_fraction: 0.5,
             store_dir: None,
+            folder_assembly: Assembly::Exact,
+            modular_recompute_tokens: DEFAULT_MODULAR_RECOMPUTE_TOKENS,
         }
     }
 }
@@ -192,6 +200,7 @@ impl Serving {
                 pinned_budget_blocks: (total_blocks as f64 * skills.pinned_fraction.clamp(0.0, 1.0))
                     as usize,
                 kv_bytes_per_token: bytes_per_block / skillkv_api::block_hash::BLOCK_TOKENS,
+                modular_recompute_tokens: skills.modular_recompute_tokens,
                 ..SkillsConfig::default()
             },
             store,

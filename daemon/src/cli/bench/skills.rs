@@ -217,6 +217,7 @@ fn load(
     let settings = SkillsSettings {
         pinned_fraction: 0.5,
         store_dir: store.map(Path::to_path_buf),
+        ..SkillsSettings::default()
     };
     Ok(Serving::load(model, config, &settings)?)
 }

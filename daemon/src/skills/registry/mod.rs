@@ -190,6 +190,19 @@ pub struct SkillUpdate {
     pub priority: i32,
 }
 
+impl SkillUpdate {
+    /// A skill read from a skills folder (`skillkv serve --skills`): priority 0.
+    pub fn from_folder(name: String, document: SkillDocument, assembly: Assembly) -> Self {
+        Self {
+            name,
+            document,
+            origin: SkillOrigin::Directory,
+            assembly,
+            priority: 0,
+        }
+    }
+}
+
 /// The registry. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct SkillRegistry {
