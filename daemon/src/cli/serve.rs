@@ -117,7 +117,8 @@ impl KvDtypeArg {
 /// The default KV cache budget, bytes.
 pub const DEFAULT_KV_CACHE_BYTES: usize = 512 * 1024 * 1024;
 
-fn parse_assembly(text: &str) -> Result<Assembly, String> {
+/// `exact` or `modular`.
+pub(crate) fn parse_assembly(text: &str) -> Result<Assembly, String> {
     match text {
         "exact" => Ok(Assembly::Exact),
         "modular" => Ok(Assembly::Modular),

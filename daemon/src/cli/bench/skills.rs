@@ -11,16 +11,17 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use skillkv_api::admin::SkillOrigin;
 use skillkv_api::skills::SkillDocument;
 use skillkv_api::v1alpha1::{Assembly, PlacementState};
 
 use crate::cli::bench::percentile;
 use crate::cli::serve::default_model_path;
+use crate::cli::serve::parse_assembly;
 use crate::engine::chat_template::ChatMessage;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::{EngineConfig, GenerateRequest, GenerationEvent, KvCacheSize};
 use crate::server::serving::{Serving, SkillsSettings};
+use crate::skills::assembly::{DEFAULT_MODULAR_RECOMPUTE_TOKENS, modular_spans};
 use crate::skills::{SkillUpdate, assemble_chat, load_skill_dir};
 
 /// `skillkv bench skills` flags.
@@ -53,6 +54,13 @@ pub struct BenchSkillsArgs {
     /// Skip the start-to-Ready comparison with the node's KV store.
     #[arg(long)]
     pub no_store: bool,
+    /// Assembly of the skills in the cache-on half: `exact` or `modular` (later skills copied
+    /// from their own pinned KV; see docs/skills.md).
+    #[arg(long, default_value = "exact", value_parser = parse_assembly)]
+    pub assembly: Assembly,
+    /// With `--assembly modular`: leading tokens of each copied skill recomputed in context.
+    #[arg(long, default_value_t = DEFAULT_MODULAR_RECOMPUTE_TOKENS)]
+    pub modular_recompute_tokens: usize,
 }
 
 /// One request of the workload.
@@ -135,6 +143,7 @@ async fn run_mode(
     documents: &[SkillDocument],
     work: &[WorkItem],
     args: &BenchSkillsArgs,
+    assembly: Assembly,
 ) -> anyhow::Result<ModeResult> {
     let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let started = Instant::now();
@@ -151,9 +160,15 @@ async fn run_mode(
             &texts,
             &[ChatMessage::new("user", item.question.clone())],
         )?;
+        let spans: Vec<_> = prompt
+            .skill_spans
+            .iter()
+            .map(|span| (assembly, span.clone()))
+            .collect();
+        let modular = modular_spans(&spans, args.modular_recompute_tokens);
         let permit = semaphore.clone().acquire_owned().await?;
         let submitted = Instant::now();
-        let mut stream = serving.engine.submit(GenerateRequest {
+        let request = GenerateRequest {
             request_id: format!("bench-{index}"),
             prompt_tokens: prompt.tokens,
             sampling: SamplingParams {
@@ -162,7 +177,8 @@ async fn run_mode(
                 ..SamplingParams::default()
             },
             adapter: None,
-        })?;
+        };
+        let mut stream = serving.engine.submit_assembled(request, modular)?;
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
             let mut ttft = None;
@@ -223,18 +239,18 @@ fn load(
 }
 
 /// Registers the skills and returns the time until all are Ready.
-async fn prefill_all(serving: &Serving, documents: &[SkillDocument]) -> anyhow::Result<Duration> {
+async fn prefill_all(
+    serving: &Serving,
+    documents: &[SkillDocument],
+    assembly: Assembly,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut changes = serving.skills.watch_changes();
     serving.skills.upsert(
         documents
             .iter()
-            .map(|document| SkillUpdate {
-                name: document.name().to_string(),
-                document: document.clone(),
-                origin: SkillOrigin::Directory,
-                assembly: Assembly::Exact,
-                priority: 0,
+            .map(|document| {
+                SkillUpdate::from_folder(document.name().to_string(), document.clone(), assembly)
             })
             .collect(),
     );
@@ -260,7 +276,7 @@ async fn prefill_all(serving: &Serving, documents: &[SkillDocument]) -> anyhow::
 
 fn print_mode(name: &str, result: &ModeResult) {
     println!(
-        "{name:<18} ttft p50 {:>8.1} ms  p99 {:>8.1} ms  {:>6.2} req/s  cached {:>6}/{:<6} prompt tokens",
+        "{name:<26} ttft p50 {:>8.1} ms  p99 {:>8.1} ms  {:>6.2} req/s  cached {:>6}/{:<6} prompt tokens",
         percentile(&result.ttft, 0.5) * 1e3,
         percentile(&result.ttft, 0.99) * 1e3,
         result.requests_per_second(),
@@ -295,7 +311,7 @@ pub fn run(args: &BenchSkillsArgs) -> anyhow::Result<()> {
             std::thread::available_parallelism().map_or(1, usize::from)
         );
         let cold_engine = load(&model, args, false, None)?;
-        let cold = run_mode(&cold_engine, &documents, &work, args).await?;
+        let cold = run_mode(&cold_engine, &documents, &work, args, Assembly::Exact).await?;
         cold_engine.engine.shutdown().await;
         print_mode("skill cache off", &cold);
 
@@ -303,10 +319,14 @@ pub fn run(args: &BenchSkillsArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&store);
         let store_arg = (!args.no_store).then_some(store.as_path());
         let warm_engine = load(&model, args, true, store_arg)?;
-        let prefill_time = prefill_all(&warm_engine, &documents).await?;
-        let warm = run_mode(&warm_engine, &documents, &work, args).await?;
+        let prefill_time = prefill_all(&warm_engine, &documents, args.assembly).await?;
+        let warm = run_mode(&warm_engine, &documents, &work, args, args.assembly).await?;
         warm_engine.engine.shutdown().await;
-        print_mode("skill cache on", &warm);
+        let label = match args.assembly {
+            Assembly::Exact => "skill cache on (exact)",
+            Assembly::Modular => "skill cache on (modular)",
+        };
+        print_mode(label, &warm);
 
         let ttft_ratio = percentile(&cold.ttft, 0.5) / percentile(&warm.ttft, 0.5).max(1e-9);
         let throughput_ratio = warm.requests_per_second() / cold.requests_per_second().max(1e-9);
@@ -317,7 +337,7 @@ pub fn run(args: &BenchSkillsArgs) -> anyhow::Result<()> {
         );
         if !args.no_store {
             let restarted = load(&model, args, true, Some(&store))?;
-            let load_time = prefill_all(&restarted, &documents).await?;
+            let load_time = prefill_all(&restarted, &documents, args.assembly).await?;
             restarted.engine.shutdown().await;
             println!(
                 "start to Ready: prefill {:.2} s, from the node's store {:.3} s ({:.0}x)",
