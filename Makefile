@@ -13,7 +13,7 @@ export SKILLKV_MODEL ?= $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 # nextest when installed (it is on the project's machines), cargo test otherwise.
 RUST_TEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nextest run --no-fail-fast" || echo "test --no-fail-fast")
 
-.PHONY: help test fmt-check clippy rust-test crds crds-check chart-test venv model run api-test e2e-cluster images image-test
+.PHONY: help test fmt-check clippy rust-test crds crds-check chart-test venv model run api-test e2e-cluster images image-test bench-routing
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -54,6 +54,11 @@ model: ## fetch the default model (SmolLM2-135M-Instruct Q4_1) into $(MODEL_DIR)
 
 api-test: venv model ## OpenAI-client conformance, SSE, load and shutdown tests against a real daemon
 	$(VPY) -m pytest -q tests/api
+
+# Not part of `make test` (minutes). Extra flags: make bench-routing BENCH_ARGS="--requests 30".
+BENCH_ARGS ?=
+bench-routing: ## routing policies side by side on 3 real daemons, and router overhead (bench/routing)
+	nice $(CARGO) run --quiet --release -p skillkv-router --example bench_routing -- $(BENCH_ARGS)
 
 RUN_PORT   ?= 8080
 RUN_MODEL_ID = $(basename $(notdir $(SKILLKV_MODEL)))

@@ -52,6 +52,18 @@ def skillkv_binary() -> pathlib.Path:
     return binary
 
 
+@pytest.fixture(scope="session")
+def operator_binary() -> pathlib.Path:
+    """`skillkv-operator`, whose `router` subcommand is the router."""
+    subprocess.run(
+        ["cargo", "build", "-p", "skillkv-operator", "--bin", "skillkv-operator"],
+        cwd=REPO, check=True,
+    )
+    binary = target_dir() / "debug" / "skillkv-operator"
+    assert binary.is_file(), f"cargo build did not produce {binary}"
+    return binary
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -97,13 +109,18 @@ class Daemon:
         return self.process.wait(timeout=timeout)
 
 
-def start_daemon(binary: pathlib.Path, tmp: pathlib.Path, *extra: str) -> Daemon:
+def start_daemon(binary: pathlib.Path, tmp: pathlib.Path, *extra: str, api_key: str | None = API_KEY) -> Daemon:
+    """Starts `skillkv serve` on free ports; `api_key=None` leaves its API open (as behind the
+    router, which checks keys itself)."""
     tmp.mkdir(parents=True, exist_ok=True)
     token_file = tmp / "admin-token"
     token_file.write_text(ADMIN_TOKEN + "\n")
     log_path = tmp / "daemon.log"
     port, admin_port = free_port(), free_port()
-    env = dict(os.environ, SKILLKV_API_KEYS=API_KEY, RUST_LOG="info")
+    env = dict(os.environ, RUST_LOG="info")
+    env.pop("SKILLKV_API_KEYS", None)
+    if api_key is not None:
+        env["SKILLKV_API_KEYS"] = api_key
     process = subprocess.Popen(
         [
             str(binary), "--log-format", "json", "serve",

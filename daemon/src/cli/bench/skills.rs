@@ -65,9 +65,11 @@ pub struct BenchSkillsArgs {
 
 /// One request of the workload.
 #[derive(Debug, Clone)]
-struct WorkItem {
-    skills: Vec<usize>,
-    question: String,
+pub struct WorkItem {
+    /// Indices of its skills (1–3, distinct, ascending).
+    pub skills: Vec<usize>,
+    /// The user's question (about 100 tokens).
+    pub question: String,
 }
 
 const QUESTION_PARTS: [&str; 12] = [
@@ -86,8 +88,8 @@ const QUESTION_PARTS: [&str; 12] = [
 ];
 
 /// A deterministic workload: 1–3 distinct skills per request, by Zipf popularity, and a
-/// question of about 100 tokens.
-fn workload(skills: usize, requests: usize, zipf: f64, seed: u64) -> Vec<WorkItem> {
+/// question of about 100 tokens. (Also the workload of the router's benchmark.)
+pub fn workload(skills: usize, requests: usize, zipf: f64, seed: u64) -> Vec<WorkItem> {
     let mut rng = StdRng::seed_from_u64(seed);
     let weights: Vec<f64> = (1..=skills)
         .map(|rank| 1.0 / (rank as f64).powf(zipf))
