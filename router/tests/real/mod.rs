@@ -116,7 +116,7 @@ impl RealDaemon {
             skills_dir: options.skills_dir.clone(),
             skills: SkillsSettings {
                 pinned_fraction: options.pinned_fraction,
-                store_dir: None,
+                ..SkillsSettings::default()
             },
             ..ServeConfig::default()
         };
