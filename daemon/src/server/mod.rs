@@ -111,6 +111,18 @@ impl Listeners {
         };
         Ok(Self { public, admin })
     }
+
+    /// The address the public listener bound (port 0 resolved to the port it got).
+    pub fn public_addr(&self) -> std::io::Result<SocketAddr> {
+        self.public.local_addr()
+    }
+
+    /// The address of the admin listener, if the admin API is served.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
+    }
 }
 
 /// Serves until SIGTERM/SIGINT, then drains within the grace period and stops the engine.

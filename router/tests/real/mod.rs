@@ -79,14 +79,6 @@ impl DaemonOptions {
     }
 }
 
-/// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// A daemon serving in its own runtime.
 #[derive(Debug)]
 pub struct RealDaemon {
@@ -102,8 +94,8 @@ impl RealDaemon {
     pub fn start(options: &DaemonOptions) -> Self {
         let config = ServeConfig {
             model_path: options.model.clone(),
-            port: free_port(),
-            admin_port: free_port(),
+            port: 0,
+            admin_port: 0,
             admin_token: Some(ADMIN_TOKEN.to_string()),
             engine: EngineConfig {
                 kv_cache: KvCacheSize::Bytes(options.kv_cache_bytes),
@@ -120,20 +112,26 @@ impl RealDaemon {
             },
             ..ServeConfig::default()
         };
-        let public = SocketAddr::new(config.host, config.port);
-        let admin = SocketAddr::new(config.host, config.admin_port);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("daemon")
             .enable_all()
             .build()
             .expect("the daemon's runtime starts");
+        // The listeners bind port 0 in the daemon's runtime and report the ports they got.
+        let (bound, addresses) = std::sync::mpsc::channel();
         runtime.spawn(async move {
             let listeners = Listeners::bind(&config).await.expect("the daemon binds");
+            let public = listeners.public_addr().expect("public address");
+            let admin = listeners.admin_addr().expect("the admin API is served");
+            bound.send((public, admin)).expect("the starter waits");
             if let Err(error) = serve(config, listeners).await {
                 panic!("the daemon failed: {error:?}");
             }
         });
+        let (public, admin) = addresses
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the daemon binds its listeners");
         Self {
             public,
             admin,
