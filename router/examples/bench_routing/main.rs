@@ -32,7 +32,7 @@ use http_body_util::{BodyExt, Full};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use skillkv_api::v1alpha1::PlacementState;
+use skillkv_api::v1alpha1::{Assembly, PlacementState};
 use skillkv_daemon::cli::bench::percentile;
 use skillkv_daemon::cli::bench::skills::{WorkItem, workload};
 use skillkv_daemon::engine::testing::TinyModelSpec;
@@ -46,6 +46,11 @@ use crate::real::{DaemonOptions, RealDaemon, client, write_model};
 type BenchResult<T> = Result<T, Box<dyn Error>>;
 
 /// `bench_routing` flags.
+fn parse_assembly(text: &str) -> Result<Assembly, String> {
+    serde_json::from_value(Value::String(text.to_string()))
+        .map_err(|_| format!("`{text}` is neither `exact` nor `modular`"))
+}
+
 #[derive(Debug, Parser)]
 #[command(about = "Compare the router's policies on the skills workload over N real daemons")]
 struct Args {
@@ -96,6 +101,10 @@ struct Args {
         default_value = "locality,round-robin,least-loaded"
     )]
     policies: Vec<Policy>,
+    /// Assembly of the daemons' skills: `exact` (only a request's first skill is a reusable
+    /// prefix) or `modular` (every pinned skill of the request is copied from its own KV).
+    #[arg(long, default_value = "exact", value_parser = parse_assembly)]
+    assembly: Assembly,
     /// Requests of the overhead measurement (each direct and through the router).
     #[arg(long, default_value_t = 3000)]
     overhead_requests: usize,
@@ -337,6 +346,9 @@ async fn one_request(http: Upstream, url: String, body: Value, skills: usize) ->
             let Ok(value) = serde_json::from_str::<Value>(data) else {
                 continue;
             };
+            if let Some(error) = value.get("error") {
+                eprintln!("request failed mid-stream: {error}");
+            }
             let choice = &value["choices"][0];
             let text = choice["delta"]["content"]
                 .as_str()
@@ -389,7 +401,7 @@ async fn run_policy(
                 )
             })
             .collect();
-        daemon.put_desired(&http, 1, &skills).await;
+        daemon.put_desired(&http, 1, &skills, args.assembly).await;
     }
     let mut pinned = Vec::new();
     for daemon in &daemons {
@@ -552,7 +564,10 @@ async fn run(args: Args) -> BenchResult<()> {
     options.kv_cache_bytes = (pinned_bytes as f64 / args.pinned_fraction) as usize;
     let work = workload(args.skills, args.requests, args.zipf, args.seed);
     let uses: usize = work.iter().map(|w| w.skills.len()).sum();
-    println!("routing benchmark: model {description}");
+    println!(
+        "routing benchmark: model {description}, {:?} assembly",
+        args.assembly
+    );
     println!(
         "  {} daemons, S = {} skills of ~{} tokens, pinned budget {:.1} skills per daemon ({:.0}% of {} MiB KV), \
          {} requests ({} skill uses, Zipf {}), concurrency {}, {} tokens out, {} CPU threads",

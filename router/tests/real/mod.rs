@@ -215,6 +215,7 @@ impl RealDaemon {
         client: &Upstream,
         generation: u64,
         skills: &[(String, String, i32)],
+        assembly: Assembly,
     ) {
         let desired = DesiredState {
             generation,
@@ -224,7 +225,7 @@ impl RealDaemon {
                     name: name.clone(),
                     content: content.clone(),
                     priority: *priority,
-                    assembly: Assembly::Exact,
+                    assembly,
                 })
                 .collect(),
             adapters: Vec::new(),
