@@ -11,7 +11,6 @@ mod types;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
 
 use skillkv_api::block_hash::BlockHash;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -350,25 +349,14 @@ impl EngineHandle {
         purpose: Purpose,
         holds_waiting_slot: bool,
     ) -> Sequence {
-        Sequence {
-            id: self.shared.next_seq.fetch_add(1, Ordering::Relaxed),
+        Sequence::new(
+            self.shared.next_seq.fetch_add(1, Ordering::Relaxed),
             request_id,
-            prompt_len: tokens.len(),
             tokens,
-            root: self.namespace_root(adapter.as_deref()),
-            hashes: Vec::new(),
-            table: Default::default(),
-            computed: 0,
-            registered: 0,
-            cached_tokens: 0,
-            modular: Vec::new(),
-            copied: Vec::new(),
-            register_limit: usize::MAX,
-            arrival: Instant::now(),
-            admitted_once: false,
-            holds_waiting_slot,
+            self.namespace_root(adapter.as_deref()),
             purpose,
-        }
+            holds_waiting_slot,
+        )
     }
 }
 

@@ -60,25 +60,8 @@ fn scheduler(reuse_prefixes: bool) -> Scheduler<LlamaModel> {
 }
 
 fn sequence(id: u64, tokens: Vec<u32>, purpose: Purpose) -> Sequence {
-    Sequence {
-        id,
-        request_id: format!("r{id}"),
-        prompt_len: tokens.len(),
-        tokens,
-        root: HashNamespace::default().root(),
-        hashes: Vec::new(),
-        table: Default::default(),
-        computed: 0,
-        registered: 0,
-        cached_tokens: 0,
-        modular: Vec::new(),
-        copied: Vec::new(),
-        register_limit: usize::MAX,
-        arrival: Instant::now(),
-        admitted_once: false,
-        holds_waiting_slot: false,
-        purpose,
-    }
+    let root = HashNamespace::default().root();
+    Sequence::new(id, format!("r{id}"), tokens, root, purpose, false)
 }
 
 fn generating(

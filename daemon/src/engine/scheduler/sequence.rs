@@ -78,6 +78,36 @@ pub struct Sequence {
 }
 
 impl Sequence {
+    /// A sequence not yet admitted: nothing computed, cached or copied.
+    pub fn new(
+        id: SeqId,
+        request_id: String,
+        tokens: Vec<u32>,
+        root: BlockHash,
+        purpose: Purpose,
+        holds_waiting_slot: bool,
+    ) -> Self {
+        Self {
+            id,
+            request_id,
+            prompt_len: tokens.len(),
+            tokens,
+            root,
+            hashes: Vec::new(),
+            table: BlockTable::default(),
+            computed: 0,
+            registered: 0,
+            cached_tokens: 0,
+            modular: Vec::new(),
+            copied: Vec::new(),
+            register_limit: usize::MAX,
+            arrival: Instant::now(),
+            admitted_once: false,
+            holds_waiting_slot,
+            purpose,
+        }
+    }
+
     /// Extends `hashes` over every full block of `tokens`.
     pub fn extend_hashes(&mut self) {
         let full = self.tokens.len() / BLOCK_TOKENS;
