@@ -27,6 +27,8 @@ fn policy_json(name: &str, rpm: i64) -> Value {
     })
 }
 
+const STATUS_PATH: &str = "/apis/skillkv.io/v1alpha1/namespaces/team/ratelimitpolicies/a/status";
+
 /// Answers the two reads of a reconcile: every policy, then the API-key Secrets.
 async fn serve_reads(api: &mut ApiServerVerifier, policies: Vec<Value>, secrets: Vec<Value>) {
     let all = list_of("RateLimitPolicyList", "skillkv.io/v1alpha1", policies);
@@ -61,13 +63,8 @@ async fn a_second_policy_with_other_limits_marks_the_policy_conflicted() {
                 vec![key_secret("k1", "acme"), key_secret("k2", "other")],
             )
             .await;
-            api.expect(
-                Method::PATCH,
-                "/apis/skillkv.io/v1alpha1/namespaces/team/ratelimitpolicies/a/status",
-                200,
-                mine.clone(),
-            )
-            .await
+            api.expect(Method::PATCH, STATUS_PATH, 200, mine.clone())
+                .await
         },
         task,
     )
@@ -102,13 +99,8 @@ async fn an_unchanged_accepted_policy_is_not_written_again() {
     let (status, result) = run(
         async {
             serve_reads(&mut api, vec![mine.clone()], vec![]).await;
-            api.expect(
-                Method::PATCH,
-                "/apis/skillkv.io/v1alpha1/namespaces/team/ratelimitpolicies/a/status",
-                200,
-                mine.clone(),
-            )
-            .await
+            api.expect(Method::PATCH, STATUS_PATH, 200, mine.clone())
+                .await
         },
         task,
     )

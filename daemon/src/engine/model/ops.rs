@@ -85,15 +85,6 @@ mod tests {
     }
 
     #[test]
-    fn rms_norm_gives_unit_rms_times_weight() {
-        let out = rms_norm(&[3.0, 4.0, 0.0, 0.0], &[1.0, 2.0], 1e-6);
-        let scale = 1.0 / (12.5f32 + 1e-6).sqrt();
-        assert_eq!(out[0], 3.0 * scale);
-        assert_eq!(out[1], 4.0 * scale * 2.0);
-        assert_eq!(&out[2..], &[0.0, 0.0]);
-    }
-
-    #[test]
     fn rope_at_position_zero_is_identity_and_preserves_norm() {
         let table = RopeTable::new(4, 10_000.0, 8);
         let mut row = vec![1.0, 2.0, 3.0, 4.0];
