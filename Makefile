@@ -78,7 +78,7 @@ run: ## release build, fetch the model if missing, serve it on localhost:$(RUN_P
 # test` (minutes, and needs root, buildah and busybox-static).
 IMAGE_REGISTRY ?= ghcr.io/skillkv
 images: ## build the daemon and operator images with buildah, tagged <version> and <version>-<git rev>
-	$(CARGO) build --release -p skillkv-daemon -p skillkv-operator --bins
+	$(CARGO) build --release -p skillkv-daemon -p skillkv-operator --bins --features skillkv-daemon/cuda
 	IMAGE_REGISTRY=$(IMAGE_REGISTRY) scripts/images.sh build
 
 image-test: images ## smoke-test the images in a chroot: --version, --help, one chat request; sizes

@@ -186,7 +186,7 @@ install_binary() {
 context() {
     local daemon=$RELEASE/skillkv operator=$RELEASE/skillkv-operator
     [[ -x $daemon && -x $operator ]] ||
-        die "release binaries missing in $RELEASE; run: cargo build --release -p skillkv-daemon -p skillkv-operator --bins"
+        die "release binaries missing in $RELEASE; run: cargo build --release -p skillkv-daemon -p skillkv-operator --bins --features skillkv-daemon/cuda"
     command -v busybox >/dev/null || die "busybox not found (Debian: apt-get install busybox-static)"
     command -v curl >/dev/null || die "curl not found"
     busybox --list | grep -qx sha256sum || die "$(command -v busybox) has no sha256sum applet"

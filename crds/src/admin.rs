@@ -173,6 +173,41 @@ pub struct DaemonState {
     /// Every adapter the daemon was asked to load, sorted by name.
     #[serde(default)]
     pub adapters: Vec<AdapterState>,
+    /// Where the engine runs and why (absent from daemons that predate `--device`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceInfo>,
+}
+
+/// Which hardware a daemon's engine runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DeviceKind {
+    /// The CPU backend.
+    Cpu,
+    /// The CUDA backend.
+    Cuda,
+}
+
+/// The engine's device, as `--device` chose it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceInfo {
+    /// CPU or CUDA.
+    pub kind: DeviceKind,
+    /// The CUDA device ordinal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordinal: Option<usize>,
+    /// The device's name as the driver reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Device memory, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_total_bytes: Option<u64>,
+    /// Device memory free when the device was opened (before the weights), bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_free_bytes: Option<u64>,
+    /// Why this device: the request, or what `auto` found missing.
+    pub reason: String,
 }
 
 /// The served base model's identity.

@@ -63,6 +63,7 @@ fn real() -> Loaded {
         &path,
         &LoadOptions {
             max_context: Some(2048),
+            ..LoadOptions::default()
         },
     )
     .expect("load the real model");

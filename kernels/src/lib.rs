@@ -5,9 +5,12 @@
 //! - [`reference`](mod@reference): a Rust implementation of every kernel that defines its semantics;
 //! - with the `cuda` feature, [`nvrtc`] compiles the registry (and caches the PTX),
 //!   [`loader`] loads it into a CUDA context and [`probe`] finds out, without panicking, whether NVRTC, the driver, cuBLAS and a device
-//!   are there. cudarc loads every CUDA library dynamically, so the crate builds on machines
+//!   are there, and [`gemm`] opens a device for the engine and runs its projections through
+//!   cuBLAS. cudarc loads every CUDA library dynamically, so the crate builds on machines
 //!   without a CUDA toolkit.
 
+#[cfg(feature = "cuda")]
+pub mod gemm;
 #[cfg(feature = "cuda")]
 pub mod loader;
 #[cfg(feature = "cuda")]

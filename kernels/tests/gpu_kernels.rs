@@ -529,3 +529,34 @@ fn the_loader_loads_each_module_once_and_rejects_unknown_entry_points() {
         }
     }
 }
+
+#[test]
+fn cublas_projection_matches_a_cpu_matmul() {
+    use skillkv_kernels::gemm::GpuDevice;
+    let device = match GpuDevice::open(0) {
+        Ok(device) => device,
+        Err(error) => return println!("skipped: no GPU ({error})"),
+    };
+    let mut rng = Rng(9);
+    let (outputs, inputs) = (1536usize, 576usize);
+    let weights = rng.f32s(outputs * inputs, 0.1);
+    let matrix = device.upload_matrix(&weights, outputs, inputs).unwrap();
+    // Decode-sized and prefill-sized batches, and an empty one.
+    for rows in [0usize, 1, 7, 64] {
+        let input = rng.f32s(rows * inputs, 1.0);
+        let got = device.matmul(&matrix, &input, rows).unwrap();
+        let expected: Vec<f32> = input
+            .chunks_exact(inputs)
+            .flat_map(|row| {
+                weights.chunks_exact(inputs).map(move |w| {
+                    row.iter()
+                        .zip(w)
+                        .map(|(x, w)| f64::from(*x) * f64::from(*w))
+                        .sum::<f64>() as f32
+                })
+            })
+            .collect();
+        assert_close(&format!("sgemm rows={rows}"), &got, &expected, 1e-4, 1e-4);
+    }
+    assert!(device.matmul(&matrix, &[0.0; 5], 1).is_err());
+}

@@ -157,6 +157,7 @@ pub fn daemon_state(pinned_budget_blocks: usize) -> DaemonState {
         desired_generation: None,
         skills: Vec::new(),
         adapters: Vec::new(),
+        device: None,
     }
 }
 

@@ -144,6 +144,18 @@ def test_per_skill_accounting_in_state_and_metrics(skilled, skilled_model):
     assert values[("skillkv_skill_tokens", (("skill", "haiku-writer"),))] == after["tokens"]
 
 
+def test_state_reports_the_engine_device_and_why(skilled):
+    state = httpx.get(f"{skilled.admin_url}/admin/v1/state", headers=ADMIN_AUTH, timeout=30).json()
+    device = state["device"]
+    assert device["kind"] in ("cpu", "cuda")
+    assert device["reason"].startswith("--device auto"), device
+    if device["kind"] == "cuda":
+        assert device["ordinal"] == 0 and device["name"]
+        assert device["memoryTotalBytes"] > 0
+    else:
+        assert "ordinal" not in device and "name" not in device
+
+
 def put_desired(daemon, document: dict) -> httpx.Response:
     return httpx.put(f"{daemon.admin_url}/admin/v1/desired", headers=ADMIN_AUTH, json=document, timeout=30)
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use skillkv_api::v1alpha1::Assembly;
 
+use crate::engine::device::DeviceRequest;
 use crate::engine::{EngineConfig, KvCacheSize};
 use crate::server::serving::{ModelSettings, SkillsSettings};
 use crate::server::{self, Listeners, ServeConfig, ServeError};
@@ -48,6 +49,11 @@ pub struct ServeArgs {
     /// Longest sequence (prompt plus completion) in tokens; at most the model's own.
     #[arg(long, value_parser = clap::value_parser!(u32).range(16..))]
     pub context_length: Option<u32>,
+    /// Where the engine runs: `auto` (CUDA device 0 when the driver, NVRTC and cuBLAS load and
+    /// the daemon was built with the `cuda` feature, else the CPU), `cpu`, or `cuda[:N]` (an
+    /// error when that device cannot be used).
+    #[arg(long, env = "SKILLKV_DEVICE", default_value = "auto")]
+    pub device: DeviceRequest,
     /// Element type of the KV cache. The CPU backend stores f32 only.
     #[arg(long, value_enum, default_value_t = KvDtypeArg::F32)]
     pub kv_dtype: KvDtypeArg,
@@ -243,6 +249,7 @@ impl ServeArgs {
                 ..EngineConfig::default()
             },
             model: ModelSettings {
+                device: self.device,
                 context_length: self.context_length.map(|tokens| tokens as usize),
                 kv_cache_fraction: self.kv_cache_fraction,
             },
@@ -308,6 +315,7 @@ mod tests {
             "--kv-dtype=f32",
             "--skills-assembly=modular",
             "--modular-recompute-tokens=4",
+            "--device=cuda:1",
         ])
         .expect("valid flags");
         let config = args.config().expect("config");
@@ -315,9 +323,17 @@ mod tests {
         assert_eq!(config.skills.modular_recompute_tokens, 4);
         assert_eq!(config.model.kv_cache_fraction, Some(0.25));
         assert_eq!(config.model.context_length, Some(4096));
+        assert_eq!(config.model.device, DeviceRequest::Cuda(1));
         let defaults = parse(&["--model=/m.gguf"]).expect("defaults").config();
         let defaults = defaults.expect("config");
-        assert_eq!(defaults.model, ModelSettings::default());
+        // The CLI picks the device itself (`auto`); the library's default is the CPU.
+        assert_eq!(
+            defaults.model,
+            ModelSettings {
+                device: DeviceRequest::Auto,
+                ..ModelSettings::default()
+            }
+        );
         assert_eq!(
             defaults.engine.kv_cache,
             KvCacheSize::Bytes(DEFAULT_KV_CACHE_BYTES)

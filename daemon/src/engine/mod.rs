@@ -9,6 +9,7 @@ pub mod batch;
 pub mod blocks;
 pub mod chat_template;
 pub mod detokenize;
+pub mod device;
 pub mod gguf;
 pub mod handle;
 pub mod kv_pool;

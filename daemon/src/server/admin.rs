@@ -78,6 +78,7 @@ async fn daemon_state(State(state): State<AppState>) -> Result<Json<DaemonState>
         desired_generation: serving.desired.generation(),
         skills: serving.skills.snapshot(),
         adapters: serving.desired.adapters(),
+        device: Some(serving.device.clone()),
     }))
 }
 

@@ -4,10 +4,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use skillkv_api::admin::ModelInfo;
+use skillkv_api::admin::{DeviceInfo, ModelInfo};
 use skillkv_api::v1alpha1::Assembly;
 
 use crate::engine::chat_template::{ChatTemplate, LoadTemplateError};
+use crate::engine::device::{DeviceRequest, SelectDeviceError, select_device};
 use crate::engine::gguf::LoadModelError;
 use crate::engine::handle::StartEngineError;
 use crate::engine::kv_pool::KvPool;
@@ -47,6 +48,8 @@ impl Default for SkillsSettings {
 /// `--kv-cache-fraction`).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ModelSettings {
+    /// Where the engine runs (`--device`).
+    pub device: DeviceRequest,
     /// Caps the context length below the model's own; a larger value keeps the model's (with a
     /// warning: RoPE beyond the trained length degrades output).
     pub context_length: Option<usize>,
@@ -59,6 +62,9 @@ pub struct ModelSettings {
 /// Why the model could not be made ready.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadServingError {
+    /// The requested device cannot be used.
+    #[error("choosing the engine's device failed")]
+    Device(#[from] SelectDeviceError),
     /// Loading the GGUF failed.
     #[error("loading the model failed")]
     Model(#[from] LoadModelError),
@@ -96,6 +102,8 @@ pub struct Serving {
     pub skills: Arc<SkillRegistry>,
     /// The admin API's desired state.
     pub desired: DesiredStateManager,
+    /// Where the engine runs and why.
+    pub device: DeviceInfo,
 }
 
 /// The id clients send as `model`: the file name without `.gguf`.
@@ -127,8 +135,10 @@ impl Serving {
         skills: &SkillsSettings,
         model: ModelSettings,
     ) -> Result<Self, LoadServingError> {
+        let selected = select_device(model.device)?;
         let options = LoadOptions {
             max_context: model.context_length,
+            device: selected.device,
         };
         let loaded = LlamaModel::load(path, &options)?;
         if let Some(requested) = model.context_length
@@ -214,6 +224,7 @@ impl Serving {
             total_blocks,
             skills: registry,
             desired,
+            device: selected.info,
         })
     }
 }

@@ -61,6 +61,7 @@ fn snapshot(model: &str, skills: Vec<SkillState>) -> DaemonState {
             state: AdapterPhase::Ready,
             message: None,
         }],
+        device: None,
     }
 }
 

@@ -109,6 +109,7 @@ fn snapshot(state: &FakeState) -> DaemonState {
         desired_generation: None,
         skills: state.skills.lock().expect("lock").clone(),
         adapters: Vec::new(),
+        device: None,
     }
 }
 

@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::cli::bench::percentile;
 use crate::cli::serve::default_model_path;
 use crate::engine::batch::{BLOCK_SIZE, BlockId, ForwardBatch, SeqChunk};
+use crate::engine::device::{DeviceRequest, select_device};
 use crate::engine::kv_pool::KvPool;
 use crate::engine::model::{LlamaModel, LoadOptions};
 use crate::engine::sampling::SamplingParams;
@@ -48,6 +49,9 @@ pub struct BenchEngineArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Where the model runs: auto, cpu or cuda[:N] (see `skillkv serve --device`).
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceRequest,
 }
 
 /// Decode throughput at one stream count.
@@ -64,6 +68,8 @@ pub struct DecodeFigure {
 /// Everything `skillkv bench engine` measures.
 #[derive(Debug, Serialize)]
 pub struct EngineReport {
+    /// The device the model ran on (`cpu` or the GPU's name).
+    pub device: String,
     /// Threads of the CPU pool.
     pub threads: usize,
     /// Prompt length of the prefill and TTFT figures.
@@ -256,12 +262,24 @@ pub fn run(args: &BenchEngineArgs) -> anyhow::Result<()> {
         None => default_model_path().ok_or_else(|| anyhow::anyhow!("no --model and no $HOME"))?,
     };
     let started = Instant::now();
-    let loaded = LlamaModel::load(&path, &LoadOptions::default())?;
+    let selected = select_device(args.device)?;
+    let device = selected
+        .info
+        .name
+        .clone()
+        .unwrap_or_else(|| "cpu".to_string());
+    let loaded = LlamaModel::load(
+        &path,
+        &LoadOptions {
+            device: selected.device,
+            ..LoadOptions::default()
+        },
+    )?;
     let model = Arc::new(loaded.model);
     let threads = candle_core::utils::barrier_pool().n_workers() + 1;
     if !args.json {
         println!(
-            "loaded {} in {:.2}s; {threads} threads; medians of {} runs",
+            "loaded {} on {device} in {:.2}s; {threads} threads; medians of {} runs",
             path.display(),
             started.elapsed().as_secs_f64(),
             args.repeats.max(1)
@@ -287,6 +305,7 @@ pub fn run(args: &BenchEngineArgs) -> anyhow::Result<()> {
     }
     let (ttft_cold_ms, ttft_cached_ms, cached_tokens) = measure_ttft(model, args)?;
     let report = EngineReport {
+        device: device.clone(),
         threads,
         prefill_tokens: args.prefill_tokens,
         chunk: args.chunk,

@@ -5,6 +5,7 @@
 //! [`CpuBackend`](super::cpu::CpuBackend) without the scheduler noticing.
 
 use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
 
 use crate::engine::model::attention::{AttentionShape, ChunkRows, LayerKv};
 
@@ -67,4 +68,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         chunks: &[ChunkRows<'_>],
         kv: LayerKv<'_>,
     ) -> Vec<f32>;
+}
+
+/// The `[Σ outputs, inputs]` f32 matrix of `parts` dequantized and stacked along the output
+/// dimension (fused projections), for backends that keep dense weights.
+pub fn dequantize_stacked(parts: &[QTensor]) -> candle_core::Result<Tensor> {
+    let dense = parts
+        .iter()
+        .map(|part| part.dequantize(&Device::Cpu))
+        .collect::<candle_core::Result<Vec<Tensor>>>()?;
+    Tensor::cat(&dense, 0)
 }

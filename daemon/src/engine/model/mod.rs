@@ -5,6 +5,8 @@
 pub mod attention;
 pub mod backend;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod llama;
 pub mod matmul;
 pub mod ops;
@@ -14,6 +16,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::Content;
 
 use crate::engine::batch::{ForwardBatch, ForwardOutput};
+use crate::engine::device::EngineDevice;
 use crate::engine::gguf::{GgufFile, LoadModelError, ModelConfig, file_sha256};
 use crate::engine::kv_pool::KvPool;
 use crate::engine::model::cpu::CpuBackend;
@@ -27,6 +30,9 @@ pub struct LoadOptions {
     /// Caps the context length below the model's own (smaller RoPE tables, earlier
     /// [`ForwardError::ContextOverflow`]); `None` keeps the model's.
     pub max_context: Option<usize>,
+    /// The device to load onto (from [`select_device`](crate::engine::device::select_device));
+    /// the CPU by default.
+    pub device: EngineDevice,
 }
 
 /// A model ready to run, with what the rest of the engine needs from its file.
@@ -42,10 +48,18 @@ pub struct LoadedModel {
     pub model_digest: String,
 }
 
-/// A Llama-family model on the CPU backend.
+/// A Llama-family model on the CPU or the CUDA backend.
 #[derive(Debug)]
 pub struct LlamaModel {
-    inner: Llama<CpuBackend>,
+    inner: OnBackend,
+}
+
+/// The forward pass on the backend it was loaded onto.
+#[derive(Debug)]
+enum OnBackend {
+    Cpu(Llama<CpuBackend>),
+    #[cfg(feature = "cuda")]
+    Cuda(Llama<cuda::CudaBackend>),
 }
 
 impl LlamaModel {
@@ -58,7 +72,17 @@ impl LlamaModel {
         if let Some(limit) = options.max_context {
             config.context_length = config.context_length.min(limit.max(1));
         }
-        let inner = Llama::load(CpuBackend, config.clone(), &mut file)?;
+        let inner = match &options.device {
+            EngineDevice::Cpu => {
+                OnBackend::Cpu(Llama::load(CpuBackend, config.clone(), &mut file)?)
+            }
+            #[cfg(feature = "cuda")]
+            EngineDevice::Cuda(device) => OnBackend::Cuda(Llama::load(
+                cuda::CudaBackend::new(device.clone()),
+                config.clone(),
+                &mut file,
+            )?),
+        };
         let model_digest = file_sha256(path)?;
         tracing::info!(
             path = %path.display(),
@@ -67,6 +91,7 @@ impl LlamaModel {
             vocab = config.vocab,
             context_length = config.context_length,
             model_digest = %model_digest,
+            backend = inner.name(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
@@ -80,7 +105,16 @@ impl LlamaModel {
 
     /// The model's hyperparameters.
     pub fn config(&self) -> &ModelConfig {
-        self.inner.config()
+        match &self.inner {
+            OnBackend::Cpu(llama) => llama.config(),
+            #[cfg(feature = "cuda")]
+            OnBackend::Cuda(llama) => llama.config(),
+        }
+    }
+
+    /// The backend's name (`cpu`, `cuda`).
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.name()
     }
 
     /// Runs one batch: writes the new tokens' K/V into `kv` and returns the logits of the last
@@ -90,6 +124,20 @@ impl LlamaModel {
         batch: &ForwardBatch<'_>,
         kv: &mut KvPool,
     ) -> Result<ForwardOutput, ForwardError> {
-        self.inner.forward(batch, kv)
+        match &self.inner {
+            OnBackend::Cpu(llama) => llama.forward(batch, kv),
+            #[cfg(feature = "cuda")]
+            OnBackend::Cuda(llama) => llama.forward(batch, kv),
+        }
+    }
+}
+
+impl OnBackend {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Cpu(_) => "cpu",
+            #[cfg(feature = "cuda")]
+            Self::Cuda(_) => "cuda",
+        }
     }
 }
