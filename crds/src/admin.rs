@@ -24,7 +24,8 @@ pub const EVENTS_PATH: &str = "/admin/v1/events";
 pub struct DesiredState {
     /// Monotonic generation chosen by the writer.
     pub generation: u64,
-    /// Skills to keep prefilled and pinned.
+    /// Every skill requests may name on this daemon; those with `pin` are kept prefilled and
+    /// pinned.
     #[serde(default)]
     pub skills: Vec<DesiredSkill>,
     /// LoRA adapters to load.
@@ -46,6 +47,15 @@ pub struct DesiredSkill {
     /// How the skill is assembled into requests.
     #[serde(default)]
     pub assembly: Assembly,
+    /// Keep its KV prefilled and pinned here (the operator's placement chose this pod). False:
+    /// the daemon only knows the skill, so requests may name it; its tokens are prefilled per
+    /// request and cached like any prompt's, never pinned. Absent means true.
+    #[serde(default = "pin_by_default")]
+    pub pin: bool,
+}
+
+fn pin_by_default() -> bool {
+    true
 }
 
 /// One desired LoRA adapter.
@@ -317,6 +327,22 @@ impl AdminEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_desired_skill_is_pinned_unless_it_says_otherwise() {
+        let older: DesiredSkill =
+            serde_json::from_value(serde_json::json!({"name": "a", "content": "x"}))
+                .expect("a document from before `pin` parses");
+        assert!(older.pin);
+        let unpinned: DesiredSkill =
+            serde_json::from_value(serde_json::json!({"name": "a", "content": "x", "pin": false}))
+                .expect("parses");
+        assert!(!unpinned.pin);
+        assert_eq!(
+            serde_json::to_value(&unpinned).expect("serializes")["pin"],
+            false
+        );
+    }
 
     #[test]
     fn load_event_round_trips_with_its_type_tag() {

@@ -59,6 +59,7 @@ fn update(document: SkillDocument) -> SkillUpdate {
         origin: SkillOrigin::Directory,
         assembly: Assembly::Exact,
         priority: 0,
+        pin: true,
     }
 }
 
@@ -195,6 +196,61 @@ async fn a_skill_beyond_the_pinned_budget_fails_and_evicts_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpinned_skill_is_known_served_cold_and_pinned_when_asked() {
+    let serving = load("unpinned", 0.5);
+    let registry = &serving.skills;
+    let known_only = || SkillUpdate {
+        pin: false,
+        ..update(document("delta", "tables", &long_body("tables", 5)))
+    };
+    registry.upsert(vec![known_only()]);
+    let states = settled(registry).await;
+    assert_eq!(state_of(&states, "delta").state, PlacementState::Unpinned);
+    assert_eq!(serving.engine.kv_stats().await.expect("runs").pinned, 0);
+    // Requests may name it: it is assembled from its text, not warm.
+    let resolved = registry
+        .resolve(&SkillSelection::Named(vec!["delta".into()]), "")
+        .expect("an unpinned skill resolves");
+    assert!(!resolved[0].warm);
+    assert!(
+        !registry.upsert(vec![known_only()]),
+        "same text, still unpinned"
+    );
+
+    // Placement moves here: the same text is prefilled and pinned.
+    assert!(registry.upsert(vec![update(document(
+        "delta",
+        "tables",
+        &long_body("tables", 5)
+    ))]));
+    let pinned = state_of(&settled(registry).await, "delta").clone();
+    assert_eq!(pinned.state, PlacementState::Ready);
+    assert!(serving.engine.kv_stats().await.expect("runs").pinned > 0);
+    let resolved = registry
+        .resolve(&SkillSelection::Named(vec!["delta".into()]), "")
+        .expect("resolves");
+    assert!(resolved[0].warm);
+
+    // And away again: the pin is released, the skill stays known.
+    assert!(registry.upsert(vec![known_only()]));
+    let states = settled(registry).await;
+    assert_eq!(state_of(&states, "delta").state, PlacementState::Unpinned);
+    let mut changes = registry.watch_changes();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while serving.engine.kv_stats().await.expect("runs").pinned > 0 {
+            // The unpin is sent right after the switch; stats reflect it once processed.
+            let _ = tokio::time::timeout(Duration::from_millis(50), changes.changed()).await;
+        }
+    })
+    .await
+    .expect("the pin is released");
+    let resolved = registry
+        .resolve(&SkillSelection::Named(vec!["delta".into()]), "")
+        .expect("still known");
+    assert!(!resolved[0].warm);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_update_switches_versions_and_releases_the_old_pin() {
     let serving = load("hot", 0.5);
     let registry = &serving.skills;
@@ -286,6 +342,7 @@ fn desired(generation: u64, skills: &[(&str, &str)]) -> DesiredState {
                 content: skill_text(name, "desired skill", body),
                 priority: 0,
                 assembly: Assembly::Exact,
+                pin: true,
             })
             .collect(),
         adapters: vec![skillkv_api::admin::DesiredAdapter {
@@ -324,6 +381,7 @@ async fn desired_state_is_idempotent_ordered_and_complete() {
         content: "no front matter".into(),
         priority: 0,
         assembly: Assembly::Exact,
+        pin: true,
     });
     let error = serving.desired.apply(bad).expect_err("malformed");
     assert!(error.to_string().contains("broken"), "{error}");

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use skillkv_api::admin::{SkillOrigin, SkillState};
+use skillkv_api::admin::SkillState;
 use skillkv_api::skills::SkillDocument;
 use skillkv_api::v1alpha1::{Assembly, PlacementState};
 use skillkv_daemon::engine::chat_template::ChatMessage;
@@ -52,13 +52,11 @@ async fn ready_skill(serving: &Serving) -> SkillState {
     let document =
         SkillDocument::parse(Path::new("store-me/SKILL.md"), SKILL.to_string()).expect("parses");
     let mut changes = serving.skills.watch_changes();
-    serving.skills.upsert(vec![SkillUpdate {
-        name: "store-me".into(),
+    serving.skills.upsert(vec![SkillUpdate::from_folder(
+        "store-me".into(),
         document,
-        origin: SkillOrigin::Directory,
-        assembly: Assembly::Exact,
-        priority: 0,
-    }]);
+        Assembly::Exact,
+    )]);
     tokio::time::timeout(Duration::from_secs(60), async {
         while !serving.skills.all_settled() {
             changes.changed().await.expect("registry alive");

@@ -199,4 +199,7 @@ pub enum PlacementState {
     Ready,
     /// The daemon could not do it; `message` says why.
     Failed,
+    /// Known to the pod but not pinned there (placement chose other pods): requests naming it
+    /// are served, its tokens prefilled per request and cached like any prompt's.
+    Unpinned,
 }

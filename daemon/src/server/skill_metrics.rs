@@ -7,11 +7,12 @@ use prometheus::{GaugeVec, IntGaugeVec, Opts, Registry};
 use skillkv_api::admin::SkillState;
 use skillkv_api::v1alpha1::PlacementState;
 
-const STATES: [(PlacementState, &str); 4] = [
+const STATES: [(PlacementState, &str); 5] = [
     (PlacementState::Pending, "Pending"),
     (PlacementState::Prefilling, "Prefilling"),
     (PlacementState::Ready, "Ready"),
     (PlacementState::Failed, "Failed"),
+    (PlacementState::Unpinned, "Unpinned"),
 ];
 
 /// The per-skill metrics.

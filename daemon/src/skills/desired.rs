@@ -195,6 +195,7 @@ fn parse_skills(desired: &DesiredState) -> Result<Vec<SkillUpdate>, ApplyDesired
                 origin: SkillOrigin::Desired,
                 assembly: skill.assembly,
                 priority: skill.priority,
+                pin: skill.pin,
             })
         })
         .collect()

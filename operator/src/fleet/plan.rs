@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
 use skillkv_api::admin::{DaemonState, DesiredAdapter, DesiredSkill, SkillOrigin};
-use skillkv_api::v1alpha1::{LoRAAdapter, Skill};
+use skillkv_api::v1alpha1::{LoRAAdapter, PlacementState, Skill};
 
 use crate::placement::{Placement, PodSlot, SkillDemand, blocks_for_tokens, place_skills};
 
@@ -73,7 +73,7 @@ pub struct SkillContent {
 /// The desired content of one pod.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodDesired {
-    /// Skills to pin.
+    /// Every skill of the model, pinned where placed.
     pub skills: Vec<DesiredSkill>,
     /// Adapters to load.
     pub adapters: Vec<DesiredAdapter>,
@@ -189,15 +189,16 @@ pub fn plan(
             else {
                 continue;
             };
-            if assignment.pods.contains(&pod.name) {
-                entry.hashes.insert(name.clone(), content.hash.clone());
-                entry.skills.push(DesiredSkill {
-                    name,
-                    content: content.text.clone(),
-                    priority: resolved.skill.spec.priority.unwrap_or(0),
-                    assembly: resolved.skill.spec.assembly.unwrap_or_default(),
-                });
-            }
+            // Every pod knows every skill of its model, so any request naming any of them can
+            // be served anywhere; only the pods placement chose pin its KV.
+            entry.hashes.insert(name.clone(), content.hash.clone());
+            entry.skills.push(DesiredSkill {
+                name,
+                content: content.text.clone(),
+                priority: resolved.skill.spec.priority.unwrap_or(0),
+                assembly: resolved.skill.spec.assembly.unwrap_or_default(),
+                pin: assignment.pods.contains(&pod.name),
+            });
         }
         for adapter in adapters {
             let on_pod = adapter_pods
@@ -256,7 +257,7 @@ fn place_adapter(pods: &[PoolPod], adapter: &LoRAAdapter) -> BTreeSet<String> {
 /// Whether the daemon's state differs from what is desired of it (skills by name, content
 /// hash and assembly; adapters by name).
 pub fn needs_push(desired: &PodDesired, state: &DaemonState) -> bool {
-    let reported: BTreeSet<(String, String, String)> = state
+    let reported: BTreeSet<(String, String, String, bool)> = state
         .skills
         .iter()
         .filter(|skill| skill.origin == SkillOrigin::Desired)
@@ -265,15 +266,21 @@ pub fn needs_push(desired: &PodDesired, state: &DaemonState) -> bool {
                 skill.name.clone(),
                 skill.content_hash.clone(),
                 format!("{:?}", skill.assembly),
+                skill.state != PlacementState::Unpinned,
             )
         })
         .collect();
-    let wanted: BTreeSet<(String, String, String)> = desired
+    let wanted: BTreeSet<(String, String, String, bool)> = desired
         .skills
         .iter()
         .map(|skill| {
             let hash = desired.hashes.get(&skill.name).cloned().unwrap_or_default();
-            (skill.name.clone(), hash, format!("{:?}", skill.assembly))
+            (
+                skill.name.clone(),
+                hash,
+                format!("{:?}", skill.assembly),
+                skill.pin,
+            )
         })
         .collect();
     let reported_adapters: BTreeSet<&str> =
@@ -283,4 +290,66 @@ pub fn needs_push(desired: &PodDesired, state: &DaemonState) -> bool {
     let never_pushed =
         state.desired_generation.is_none() && !(wanted.is_empty() && wanted_adapters.is_empty());
     never_pushed || reported != wanted || reported_adapters != wanted_adapters
+}
+
+#[cfg(test)]
+mod tests {
+    use skillkv_api::admin::SkillState;
+    use skillkv_api::v1alpha1::Assembly;
+
+    use super::*;
+    use crate::fixtures::daemon_state;
+
+    fn reported(state: PlacementState) -> DaemonState {
+        let mut daemon = daemon_state(64);
+        daemon.desired_generation = Some(1);
+        daemon.skills.push(SkillState {
+            name: "sql".into(),
+            version: None,
+            description: String::new(),
+            keywords: Vec::new(),
+            content_hash: "h".into(),
+            serving_content_hash: None,
+            origin: SkillOrigin::Desired,
+            assembly: Assembly::Exact,
+            state,
+            message: None,
+            tokens: 10,
+            kv_bytes: 0,
+            prefill_millis: None,
+            hits: 0,
+            cached_tokens: 0,
+            prefill_seconds_saved: 0.0,
+        });
+        daemon
+    }
+
+    fn desired(pin: bool) -> PodDesired {
+        PodDesired {
+            skills: vec![DesiredSkill {
+                name: "sql".into(),
+                content: "text".into(),
+                priority: 0,
+                assembly: Assembly::Exact,
+                pin,
+            }],
+            adapters: Vec::new(),
+            hashes: BTreeMap::from([("sql".to_string(), "h".to_string())]),
+        }
+    }
+
+    #[test]
+    fn a_flip_between_pinned_and_known_only_is_pushed() {
+        use PlacementState::{Failed, Ready, Unpinned};
+        for (pin, state, push) in [
+            (true, Ready, false),
+            (true, Failed, false),
+            (false, Unpinned, false),
+            (false, Ready, true),
+            (true, Unpinned, true),
+        ] {
+            let pushed = needs_push(&desired(pin), &reported(state));
+            assert_eq!(pushed, push, "pin {pin}, reported {state:?}");
+        }
+    }
 }

@@ -98,7 +98,11 @@ pub fn skill_status(resolved: &ResolvedSkill, observed: Observed<'_>) -> SkillSt
             .and_then(|state| state.skills.iter().find(|s| s.name == name))
         {
             if reported.content_hash == content.hash {
-                placement.state = reported.state;
+                // Placed here but still unpinned: the push that pins it has not landed yet.
+                placement.state = match reported.state {
+                    PlacementState::Unpinned => PlacementState::Pending,
+                    state => state,
+                };
                 placement.prefill_millis = reported.prefill_millis.map(|ms| ms as i64);
                 placement.message = reported.message.clone();
             } else {

@@ -394,3 +394,60 @@ async fn a_vanished_pod_is_replaced_by_a_surviving_one() {
     assert_eq!(pushes[0].0.pod, "llm-1");
     assert_eq!(pushes[0].0.base_url, "http://10.0.0.2:8081");
 }
+
+#[tokio::test]
+async fn every_pod_knows_every_skill_and_only_placed_pods_pin_it() {
+    let (ctx, mut api, daemons) = Context::test();
+    daemons.insert("llm-0", FakeDaemon::Up(Box::new(daemon_state(64))));
+    daemons.insert("llm-1", FakeDaemon::Up(Box::new(daemon_state(64))));
+    let task = tokio::spawn(reconcile(guarded_model(), ctx.clone()));
+    let (skill, result) = run(
+        async {
+            serve_children(&mut api).await;
+            let pods = vec![
+                pod_json("llm-0", "node-a", "10.0.0.1"),
+                pod_json("llm-1", "node-b", "10.0.0.2"),
+            ];
+            serve_lists(&mut api, pods, vec![skill_json(Some(1), &[])]).await;
+            let skill = api
+                .expect(
+                    Method::PATCH,
+                    "/apis/skillkv.io/v1alpha1/namespaces/team/skills/sql/status",
+                    200,
+                    skill_json(None, &[]),
+                )
+                .await;
+            expect_event(&mut api).await;
+            api.expect_echo(Method::PATCH, "/api/v1/namespaces/team/pods/llm-0/status")
+                .await;
+            api.expect_echo(Method::PATCH, "/api/v1/namespaces/team/pods/llm-1/status")
+                .await;
+            expect_model_status(&mut api, model_json()).await;
+            skill
+        },
+        task,
+    )
+    .await;
+    result.expect("reconcile succeeds");
+    let placements = skill["status"]["placements"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(placements.len(), 1, "replicas: 1 places one copy");
+    let placed = placements[0]["pod"].as_str().expect("pod").to_string();
+
+    // Both pods get the skill, so a request naming it can be served on either; only the
+    // placed one pins it.
+    let pushes = daemons.pushes.lock().expect("lock").clone();
+    assert_eq!(pushes.len(), 2, "one push per pod");
+    for (endpoint, desired) in &pushes {
+        assert_eq!(desired.skills.len(), 1, "{}", endpoint.pod);
+        assert_eq!(desired.skills[0].name, "sql");
+        assert_eq!(
+            desired.skills[0].pin,
+            endpoint.pod == placed,
+            "{}",
+            endpoint.pod
+        );
+    }
+}

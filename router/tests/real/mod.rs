@@ -226,6 +226,7 @@ impl RealDaemon {
                     content: content.clone(),
                     priority: *priority,
                     assembly,
+                    pin: true,
                 })
                 .collect(),
             adapters: Vec::new(),

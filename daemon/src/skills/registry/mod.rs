@@ -9,6 +9,10 @@
 //! requests that started on the old version hold their blocks through the engine's reference
 //! counts, so they finish on it. A skill whose pinned blocks would exceed the budget is Failed
 //! with reason `InsufficientKVCapacity`; nothing already pinned is evicted to make room.
+//!
+//! A skill desired with `pin: false` (the operator placed it on other pods) is known but never
+//! prefilled here: its state is `Unpinned`, requests may still name it and get it assembled
+//! from its tokens (cold), and turning `pin` on or off later pins or releases its KV.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -149,6 +153,8 @@ struct SkillEntry {
     assembly: Assembly,
     priority: i32,
     latest: Arc<SkillVersion>,
+    /// Whether its KV should be pinned on this daemon.
+    pin: bool,
     state: PlacementState,
     message: Option<String>,
     revision: u64,
@@ -188,10 +194,12 @@ pub struct SkillUpdate {
     pub assembly: Assembly,
     /// Higher first when the budget is short.
     pub priority: i32,
+    /// Keep its KV pinned here; false: known only (see the module docs).
+    pub pin: bool,
 }
 
 impl SkillUpdate {
-    /// A skill read from a skills folder (`skillkv serve --skills`): priority 0.
+    /// A skill read from a skills folder (`skillkv serve --skills`): priority 0, pinned.
     pub fn from_folder(name: String, document: SkillDocument, assembly: Assembly) -> Self {
         Self {
             name,
@@ -199,6 +207,7 @@ impl SkillUpdate {
             origin: SkillOrigin::Directory,
             assembly,
             priority: 0,
+            pin: true,
         }
     }
 }
@@ -316,10 +325,12 @@ impl SkillRegistry {
 
     /// True when no skill is Pending or Prefilling.
     pub fn all_settled(&self) -> bool {
-        self.lock()
-            .skills
-            .values()
-            .all(|entry| matches!(entry.state, PlacementState::Ready | PlacementState::Failed))
+        self.lock().skills.values().all(|entry| {
+            matches!(
+                entry.state,
+                PlacementState::Ready | PlacementState::Failed | PlacementState::Unpinned
+            )
+        })
     }
 
     /// Names of the skills from `origin`.
@@ -347,6 +358,7 @@ impl SkillRegistry {
         let mut state = self.lock();
         if let Some(entry) = state.skills.get_mut(&update.name)
             && entry.latest.document.content_hash == update.document.content_hash
+            && entry.pin == update.pin
         {
             let changed = (entry.origin, entry.assembly, entry.priority)
                 != (update.origin, update.assembly, update.priority);
@@ -357,6 +369,27 @@ impl SkillRegistry {
                 self.publish(&mut state, &update.name);
             }
             return changed;
+        }
+        let revision = state.next_revision + 1;
+        if let Some(entry) = state.skills.get_mut(&update.name)
+            && entry.latest.document.content_hash == update.document.content_hash
+            && !update.pin
+        {
+            // Same text, no longer pinned here: release the KV, keep knowing the skill.
+            entry.origin = update.origin;
+            entry.assembly = update.assembly;
+            entry.priority = update.priority;
+            entry.pin = false;
+            entry.state = PlacementState::Unpinned;
+            entry.message = None;
+            entry.revision = revision;
+            entry.reserved_blocks = 0;
+            let released = entry.serving.take().map(|serving| serving.pin);
+            state.next_revision = revision;
+            self.publish(&mut state, &update.name);
+            drop(state);
+            self.release_pins(released.into_iter().collect());
+            return true;
         }
         let prefix = skill_prefix_tokens(&self.template, &self.tokenizer, &update.document.text);
         let (prefix_tokens, failure) = match prefix {
@@ -370,10 +403,10 @@ impl SkillRegistry {
             document: update.document,
             prefix_tokens,
         });
-        state.next_revision += 1;
-        let revision = state.next_revision;
+        state.next_revision = revision;
         let (phase, message) = match failure {
             Some(message) => (PlacementState::Failed, Some(message)),
+            None if !update.pin => (PlacementState::Unpinned, None),
             None => (PlacementState::Pending, None),
         };
         let entry = state
@@ -384,6 +417,7 @@ impl SkillRegistry {
                 assembly: update.assembly,
                 priority: update.priority,
                 latest: version.clone(),
+                pin: update.pin,
                 state: phase,
                 message: None,
                 revision,
@@ -395,12 +429,20 @@ impl SkillRegistry {
         entry.assembly = update.assembly;
         entry.priority = update.priority;
         entry.latest = version;
+        entry.pin = update.pin;
         entry.state = phase;
         entry.message = message;
         entry.revision = revision;
         entry.reserved_blocks = 0;
+        // A new text that is not pinned here must not be served from the old version's KV.
+        let released = if update.pin {
+            None
+        } else {
+            entry.serving.take().map(|serving| serving.pin)
+        };
         self.publish(&mut state, &update.name);
         drop(state);
+        self.release_pins(released.into_iter().collect());
         if phase == PlacementState::Pending {
             let registry = self.clone();
             let name = update.name;
