@@ -8,11 +8,9 @@ use std::sync::LazyLock;
 
 use rust_stemmers::{Algorithm, Stemmer};
 
-/// Words that carry no topic: English function words, and the verbs, quantities and
-/// pleasantries that say what a user wants done rather than what it is about.
+/// English function words: they carry no topic.
 #[rustfmt::skip]
-const STOP_WORDS: &[&str] = &[
-    // Function words.
+const FUNCTION_WORDS: &[&str] = &[
     "a", "about", "above", "after", "again", "against", "all", "also", "am", "an", "and", "any",
     "are", "as", "at", "be", "because", "been", "before", "being", "below", "between", "both",
     "but", "by", "can", "could", "did", "do", "does", "doing", "down", "during", "each",
@@ -27,16 +25,23 @@ const STOP_WORDS: &[&str] = &[
     "what", "whatever", "when", "where", "whether", "which", "while", "who", "whom", "whose",
     "why", "will", "with", "within", "without", "would", "yet", "you", "your", "yours",
     "yourself",
-    // Requests, pleasantries and filler.
+    // Numerals.
+    "one", "two", "three",
+];
+
+/// Words that say what a user wants done rather than what it is about: the verbs,
+/// quantities and pleasantries of requests.
+#[rustfmt::skip]
+const FILLER_WORDS: &[&str] = &[
     "anyone", "anything", "able", "already", "always", "another", "around", "away", "back",
     "best", "better", "bit", "cannot", "certain", "clearly", "doesn", "don", "else", "etc",
     "everything", "exactly", "explain", "fine", "get", "gets", "getting", "give", "go", "goes",
     "going", "good", "got", "great", "hello", "help", "hey", "hi", "idea", "instead", "keep",
     "keeps", "kind", "know", "let", "like", "look", "looks", "lot", "lots", "make", "makes",
-    "making", "many", "maybe", "need", "needs", "new", "nothing", "ok", "okay", "one", "please",
+    "making", "many", "maybe", "need", "needs", "new", "nothing", "ok", "okay", "please",
     "pretty", "quite", "rather", "really", "right", "say", "see", "seem", "seems", "show",
     "something", "sometimes", "somewhere", "sure", "take", "takes", "tell", "thank", "thanks",
-    "thing", "things", "think", "today", "try", "trying", "two", "three", "use", "used", "uses",
+    "thing", "things", "think", "today", "try", "trying", "use", "used", "uses",
     "using", "want", "wants", "way", "ways", "well", "whole", "work", "works", "working",
     "write", "writes", "writing", "written", "wrote", "fix", "fixes", "fixing", "fixed", "find",
     "finding", "found", "bad", "worse", "worst", "nice", "happy",
@@ -71,15 +76,15 @@ const ABBREVIATIONS: &[(&str, &str)] = &[
 /// single letters and plain numbers removed, common abbreviations spelled out ("repo" →
 /// "repository"), stemmed.
 ///
-/// A hyphenated word is split into its words ("multi-stage" → "multi", "stage"), unless one
-/// of them is a stop word or a number: such a compound is an idiom whose words mean something
-/// else alone ("day-to-day", "follow-up", "copy-on-write", "three-day"), so it stays one term
-/// ("daytoday").
+/// A hyphenated word is split into its words ("multi-stage" → "multi", "stage"; "email-writing"
+/// → "email"), unless one of them is a function word, a single letter or a number: such a
+/// compound is an idiom whose words mean something else alone ("day-to-day", "follow-up",
+/// "copy-on-write", "three-day"), so it stays one term ("daytoday").
 pub(crate) fn terms(text: &str) -> impl Iterator<Item = String> + '_ {
     text.split(|c: char| !(c.is_alphanumeric() || matches!(c, '\'' | '’' | '-')))
         .flat_map(|chunk| {
             let parts: Vec<&str> = chunk.split('-').filter(|p| !p.is_empty()).collect();
-            let lexicalised = parts.len() > 1 && parts.iter().any(|p| !informative(p));
+            let lexicalised = parts.len() > 1 && parts.iter().any(|p| function_part(p));
             if lexicalised {
                 word_term(&parts.concat()).into_iter().collect()
             } else {
@@ -109,13 +114,20 @@ fn word_term(raw: &str) -> Option<String> {
     Some(stem(word))
 }
 
-/// Whether a word can carry a topic: more than one letter, not a plain number, not a stop
-/// word.
+/// Whether a word can carry a topic: more than one letter, not a plain number, neither a
+/// function word nor request filler.
 fn informative(word: &str) -> bool {
     let word = word.to_lowercase();
-    word.chars().count() > 1
-        && !word.chars().all(|c| c.is_ascii_digit())
-        && !STOP_WORDS.contains(&word.as_str())
+    !function_part(&word) && !FILLER_WORDS.contains(&word.as_str())
+}
+
+/// Whether a part of a hyphenated word makes it an idiom: a function word, a single letter
+/// or a number ("day-to-day", "x-axis", "three-day"; not "email-writing").
+fn function_part(word: &str) -> bool {
+    let word = word.to_lowercase();
+    word.chars().count() <= 1
+        || word.chars().all(|c| c.is_ascii_digit())
+        || FUNCTION_WORDS.contains(&word.as_str())
 }
 
 /// The Snowball English (Porter 2) stem of a lowercase word: a word and its inflections and
@@ -177,5 +189,7 @@ mod tests {
         assert_eq!(all("multi-stage build"), all("multi stage build"));
         assert_eq!(all("re-render"), ["re", "render"]);
         assert_eq!(all("e-mail"), all("email"));
+        // Request filler does not make an idiom: a skill named "email-writing" is about email.
+        assert_eq!(all("email-writing"), all("email"));
     }
 }
