@@ -3,8 +3,9 @@
 //! Each skill is scored with BM25 over its name, keywords and description (weighted
 //! 3 : 2 : 1, as BM25F does with field weights), plus a bonus for every multi-word keyword
 //! that appears in the query as a phrase. Text is normalised by `super::text`: lowercase
-//! words, stop words dropped, common abbreviations spelled out, inflections folded ("caching"
-//! matches "cache").
+//! words, stop words dropped, hyphenated idioms kept whole ("day-to-day"), common
+//! abbreviations spelled out, words stemmed with Snowball English ("caching" matches
+//! "cache").
 //!
 //! Selection is greedy. The best skill is chosen if its score reaches `threshold`; it then
 //! *claims* the query words it matches. Each further skill (at most `max_skills` in all) is
