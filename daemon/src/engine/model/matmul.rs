@@ -1,13 +1,15 @@
-//! The CPU backend's matrix multiply: `input [rows, in] · weightᵀ` for weights held as Q8_0
-//! (per 32 inputs one f16 scale and 32 signed 8-bit codes) with f32 activations.
+//! The CPU backend's matrix multiply: `input [rows, in] · weightᵀ` for weights held in GGUF
+//! blocks of 32 inputs — Q8_0 (an f16 scale and 32 signed 8-bit codes) or Q4_1 (an f16 scale and
+//! min and 32 4-bit codes) — with f32 activations.
 //!
 //! Two kernels compute the very same arithmetic:
-//! - decode rows (up to 31 rows, memory-bound) read the 8-bit codes and dequantize them on the
-//!   fly, in tiles of up to 8 rows;
-//! - prefill chunks (32 rows or more, compute-bound) read a dense f32 copy of the same weights, made
-//!   once at load time, in register tiles of 4 rows × 2 outputs.
+//! - decode rows (up to 31 rows, memory-bound) read the quantized codes and dequantize them on
+//!   the fly, in register tiles of 8 accumulators (1 row × 4 outputs up to 8 rows × 1 output);
+//! - prefill chunks (32 rows or more, compute-bound) read a dense f32 copy of the same weights,
+//!   made once at load time, in register tiles of 4 rows × 2 outputs.
 //!
-//! A code times its f16 scale is exact in f32 (8 + 11 significant bits), so both kernels see
+//! The dense copy holds exactly what the decode kernel computes (`code × scale` for Q8_0, exact
+//! in f32; `fma(code, scale, min)` for Q4_1, one rounding), so both kernels see
 //! bit-identical weights. Every output element is accumulated the same way in both: eight lanes
 //! over the input dimension (lane `i % 8` takes input `i`, in increasing `i`, one fused
 //! multiply-add each), then a fixed pairwise sum of the lanes. A row's result therefore never
@@ -271,8 +273,10 @@ impl QuantMatrix {
             while o < output_count {
                 let os = TILE_OUTPUTS.min(output_count - o);
                 let xr = |i: usize| &x[(r + i.min(rs - 1)) * k..(r + i.min(rs - 1) + 1) * k];
-                let w = [weight(o), weight(o + 1.min(os - 1))];
-                let sums = dense_kernel::<TILE_ROWS, TILE_OUTPUTS>([xr(0), xr(1), xr(2), xr(3)], w);
+                // A short last tile repeats its last row and output; the extra sums are dropped.
+                let w: [&[f32]; TILE_OUTPUTS] = std::array::from_fn(|j| weight(o + j.min(os - 1)));
+                let x: [&[f32]; TILE_ROWS] = std::array::from_fn(xr);
+                let sums = dense_kernel::<TILE_ROWS, TILE_OUTPUTS>(x, w);
                 for (i, row_sums) in sums.iter().enumerate().take(rs) {
                     for (j, &sum) in row_sums.iter().enumerate().take(os) {
                         tile[(r + i) * output_count + o + j] = sum;
