@@ -1,13 +1,15 @@
-//! The CPU backend's matrix multiply: `input [rows, in] · weightᵀ` for weights held as Q8_0
-//! (per 32 inputs one f16 scale and 32 signed 8-bit codes) with f32 activations.
+//! The CPU backend's matrix multiply: `input [rows, in] · weightᵀ` for weights held in GGUF
+//! blocks of 32 inputs — Q8_0 (an f16 scale and 32 signed 8-bit codes) or Q4_1 (an f16 scale and
+//! min and 32 4-bit codes) — with f32 activations.
 //!
 //! Two kernels compute the very same arithmetic:
-//! - decode rows (up to 31 rows, memory-bound) read the 8-bit codes and dequantize them on the
-//!   fly, in tiles of up to 8 rows;
-//! - prefill chunks (32 rows or more, compute-bound) read a dense f32 copy of the same weights, made
-//!   once at load time, in register tiles of 4 rows × 2 outputs.
+//! - decode rows (up to 31 rows, memory-bound) read the quantized codes and dequantize them on
+//!   the fly, in register tiles of 8 accumulators (1 row × 4 outputs up to 8 rows × 1 output);
+//! - prefill chunks (32 rows or more, compute-bound) read a dense f32 copy of the same weights,
+//!   made once at load time, in register tiles of 4 rows × 2 outputs.
 //!
-//! A code times its f16 scale is exact in f32 (8 + 11 significant bits), so both kernels see
+//! The dense copy holds exactly what the decode kernel computes (`code × scale` for Q8_0, exact
+//! in f32; `fma(code, scale, min)` for Q4_1, one rounding), so both kernels see
 //! bit-identical weights. Every output element is accumulated the same way in both: eight lanes
 //! over the input dimension (lane `i % 8` takes input `i`, in increasing `i`, one fused
 //! multiply-add each), then a fixed pairwise sum of the lanes. A row's result therefore never
@@ -27,11 +29,13 @@ use wide::{f32x8, i8x16, i16x8, i16x16, i32x8};
 pub const Q8_BLOCK: usize = 32;
 /// Accumulator lanes per output element.
 const LANES: usize = 8;
+/// Lane vectors per quantization block.
+const PARTS: usize = Q8_BLOCK / LANES;
 /// Rows per register tile of the dense kernel.
 const TILE_ROWS: usize = 4;
 /// Outputs per register tile of the dense kernel.
 const TILE_OUTPUTS: usize = 2;
-/// Rows per register tile of the 8-bit kernel.
+/// Accumulators (rows × outputs) per register tile of the 8-bit kernel.
 const CODE_TILE_ROWS: usize = 8;
 /// From this many rows on, the dense f32 kernel runs; below it the 8-bit one.
 const DENSE_FROM_ROWS: usize = 32;
@@ -40,18 +44,20 @@ const ITEM_OUTPUTS: usize = 32;
 /// Rows per work item of the dense kernel.
 const ITEM_ROWS: usize = 64;
 
-/// Why a weight cannot become a [`Q8Matrix`].
+/// Why a weight cannot become a [`QuantMatrix`].
 #[derive(Debug, thiserror::Error)]
-pub enum BuildQ8MatrixError {
-    /// The input width is not a multiple of the Q8_0 block.
+pub enum BuildQuantMatrixError {
+    /// The input width is not a multiple of the quantization block.
     #[error("input width {width} is not a multiple of {Q8_BLOCK}")]
     Width {
         /// The input width.
         width: usize,
     },
-    /// The Q8_0 bytes do not match the shape.
-    #[error("{bytes} bytes of Q8_0 data for a [{outputs}, {inputs}] matrix")]
+    /// The block bytes do not match the shape.
+    #[error("{bytes} bytes of {format} data for a [{outputs}, {inputs}] matrix")]
     Size {
+        /// The GGUF block format.
+        format: &'static str,
         /// Bytes given.
         bytes: usize,
         /// Output features.
@@ -61,40 +67,64 @@ pub enum BuildQ8MatrixError {
     },
 }
 
-/// A weight matrix `[outputs, inputs]` in Q8_0 with a dense copy of the same values.
+/// The quantized weights the decode kernel reads, block by block (32 inputs of one output).
 #[derive(Debug)]
-pub struct Q8Matrix {
+enum Codes {
+    /// Q8_0: `[outputs][inputs]` signed codes and `[outputs][blocks]` scales (f16 values
+    /// widened to f32); weight = code × scale.
+    Q8 { codes: Vec<i8>, scales: Vec<f32> },
+    /// Q4_1 as stored in GGUF: `[outputs][blocks][16]` bytes whose low nibbles are inputs 0..16
+    /// of the block and high nibbles inputs 16..32, and `[outputs][blocks]` (scale, min) f16
+    /// pairs; weight = fma(code, scale, min) in f32.
+    Q4 {
+        nibbles: Vec<i8>,
+        scale_min: Vec<[half::f16; 2]>,
+    },
+}
+
+/// A weight matrix `[outputs, inputs]` in Q8_0 or Q4_1 with a dense f32 copy of the same values.
+#[derive(Debug)]
+pub struct QuantMatrix {
     outputs: usize,
     inputs: usize,
-    /// `[outputs][inputs]` codes.
-    codes: Vec<i8>,
-    /// `[outputs][inputs / 32]` scales (f16 values widened to f32).
-    scales: Vec<f32>,
-    /// `[outputs][inputs]` = code × scale, exactly.
+    codes: Codes,
+    /// `[outputs][inputs]`: exactly the values the decode kernel computes from `codes`.
     dense: Vec<f32>,
 }
 
-impl Q8Matrix {
+/// Checks `bytes` holds `[outputs, inputs]` weights in blocks of `block_bytes` bytes.
+fn check_size(
+    format: &'static str,
+    block_bytes: usize,
+    bytes: &[u8],
+    outputs: usize,
+    inputs: usize,
+) -> Result<(), BuildQuantMatrixError> {
+    if !inputs.is_multiple_of(Q8_BLOCK) {
+        return Err(BuildQuantMatrixError::Width { width: inputs });
+    }
+    if bytes.len() != outputs * inputs / Q8_BLOCK * block_bytes {
+        return Err(BuildQuantMatrixError::Size {
+            format,
+            bytes: bytes.len(),
+            outputs,
+            inputs,
+        });
+    }
+    Ok(())
+}
+
+impl QuantMatrix {
     /// Builds the matrix from GGUF Q8_0 blocks (`f16` scale, little-endian, then 32 `i8`).
     pub fn from_q8_0_bytes(
         bytes: &[u8],
         outputs: usize,
         inputs: usize,
-    ) -> Result<Self, BuildQ8MatrixError> {
+    ) -> Result<Self, BuildQuantMatrixError> {
         const BLOCK_BYTES: usize = 2 + Q8_BLOCK;
-        if !inputs.is_multiple_of(Q8_BLOCK) {
-            return Err(BuildQ8MatrixError::Width { width: inputs });
-        }
-        let blocks = outputs * inputs / Q8_BLOCK;
-        if bytes.len() != blocks * BLOCK_BYTES {
-            return Err(BuildQ8MatrixError::Size {
-                bytes: bytes.len(),
-                outputs,
-                inputs,
-            });
-        }
+        check_size("Q8_0", BLOCK_BYTES, bytes, outputs, inputs)?;
         let mut codes = Vec::with_capacity(outputs * inputs);
-        let mut scales = Vec::with_capacity(blocks);
+        let mut scales = Vec::with_capacity(outputs * inputs / Q8_BLOCK);
         let mut dense = Vec::with_capacity(outputs * inputs);
         for block in bytes.chunks_exact(BLOCK_BYTES) {
             let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
@@ -108,8 +138,42 @@ impl Q8Matrix {
         Ok(Self {
             outputs,
             inputs,
-            codes,
-            scales,
+            codes: Codes::Q8 { codes, scales },
+            dense,
+        })
+    }
+
+    /// Builds the matrix from GGUF Q4_1 blocks (`f16` scale and min, little-endian, then 16
+    /// bytes of 4-bit codes), kept as they are: 20 bytes per 32 weights for decode.
+    pub fn from_q4_1_bytes(
+        bytes: &[u8],
+        outputs: usize,
+        inputs: usize,
+    ) -> Result<Self, BuildQuantMatrixError> {
+        const BLOCK_BYTES: usize = 4 + Q8_BLOCK / 2;
+        check_size("Q4_1", BLOCK_BYTES, bytes, outputs, inputs)?;
+        let mut nibbles = Vec::with_capacity(outputs * inputs / 2);
+        let mut scale_min = Vec::with_capacity(outputs * inputs / Q8_BLOCK);
+        let mut dense = vec![0.0; outputs * inputs];
+        for (block, weights) in bytes
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dense.chunks_exact_mut(Q8_BLOCK))
+        {
+            let scale = half::f16::from_le_bytes([block[0], block[1]]);
+            let min = half::f16::from_le_bytes([block[2], block[3]]);
+            scale_min.push([scale, min]);
+            let (scale, min) = (scale.to_f32(), min.to_f32());
+            let (low, high) = weights.split_at_mut(Q8_BLOCK / 2);
+            for ((&byte, low), high) in block[4..].iter().zip(low).zip(high) {
+                nibbles.push(byte as i8);
+                *low = f32::from(byte & 0x0F).mul_add(scale, min);
+                *high = f32::from(byte >> 4).mul_add(scale, min);
+            }
+        }
+        Ok(Self {
+            outputs,
+            inputs,
+            codes: Codes::Q4 { nibbles, scale_min },
             dense,
         })
     }
@@ -209,8 +273,10 @@ impl Q8Matrix {
             while o < output_count {
                 let os = TILE_OUTPUTS.min(output_count - o);
                 let xr = |i: usize| &x[(r + i.min(rs - 1)) * k..(r + i.min(rs - 1) + 1) * k];
-                let w = [weight(o), weight(o + 1.min(os - 1))];
-                let sums = dense_kernel::<TILE_ROWS, TILE_OUTPUTS>([xr(0), xr(1), xr(2), xr(3)], w);
+                // A short last tile repeats its last row and output; the extra sums are dropped.
+                let w: [&[f32]; TILE_OUTPUTS] = std::array::from_fn(|j| weight(o + j.min(os - 1)));
+                let x: [&[f32]; TILE_ROWS] = std::array::from_fn(xr);
+                let sums = dense_kernel::<TILE_ROWS, TILE_OUTPUTS>(x, w);
                 for (i, row_sums) in sums.iter().enumerate().take(rs) {
                     for (j, &sum) in row_sums.iter().enumerate().take(os) {
                         tile[(r + i) * output_count + o + j] = sum;
@@ -223,7 +289,9 @@ impl Q8Matrix {
         tile
     }
 
-    /// `[row_count][output_count]` from the 8-bit codes, one output at a time for all rows.
+    /// `[row_count][output_count]` from the 8-bit codes, in register tiles of `C` outputs ×
+    /// up to `8 / C` rows: fewer rows get more outputs per tile, so a single decode row still
+    /// runs eight independent accumulator chains rather than waiting on one.
     fn code_tile(
         &self,
         x: &[f32],
@@ -231,36 +299,115 @@ impl Q8Matrix {
         first_output: usize,
         output_count: usize,
     ) -> Vec<f32> {
-        let k = self.inputs;
-        let blocks = k / Q8_BLOCK;
         let mut tile = vec![0.0; row_count * output_count];
-        for o in 0..output_count {
-            let output = first_output + o;
-            let codes = &self.codes[output * k..(output + 1) * k];
-            let scales = &self.scales[output * blocks..(output + 1) * blocks];
-            let mut r = 0;
-            while r < row_count {
-                let rs = CODE_TILE_ROWS.min(row_count - r);
-                let mut put = |sums: &[f32]| {
-                    for (i, &sum) in sums.iter().enumerate() {
-                        tile[(r + i) * output_count + o] = sum;
-                    }
-                };
-                match rs {
-                    8 => put(&code_kernel::<8>(row_refs(x, k, r), codes, scales)),
-                    7 => put(&code_kernel::<7>(row_refs(x, k, r), codes, scales)),
-                    6 => put(&code_kernel::<6>(row_refs(x, k, r), codes, scales)),
-                    5 => put(&code_kernel::<5>(row_refs(x, k, r), codes, scales)),
-                    4 => put(&code_kernel::<4>(row_refs(x, k, r), codes, scales)),
-                    3 => put(&code_kernel::<3>(row_refs(x, k, r), codes, scales)),
-                    2 => put(&code_kernel::<2>(row_refs(x, k, r), codes, scales)),
-                    _ => put(&code_kernel::<1>(row_refs(x, k, r), codes, scales)),
-                }
-                r += rs;
-            }
+        let span = TileSpan {
+            x,
+            row_count,
+            first_output,
+            output_count,
+        };
+        match row_count {
+            1..=3 => self.code_outputs::<4>(span, &mut tile),
+            4..=7 => self.code_outputs::<2>(span, &mut tile),
+            _ => self.code_outputs::<1>(span, &mut tile),
         }
         tile
     }
+
+    /// [`Self::code_tile`] with `C` outputs per register tile.
+    fn code_outputs<const C: usize>(&self, span: TileSpan<'_>, tile: &mut [f32]) {
+        let k = self.inputs;
+        let blocks = k / Q8_BLOCK;
+        let mut o = 0;
+        while o < span.output_count {
+            let os = C.min(span.output_count - o);
+            // A short last group repeats its last output; the extra sums are dropped.
+            let outputs: [usize; C] =
+                std::array::from_fn(|c| span.first_output + o + c.min(os - 1));
+            let group = OutputGroup {
+                first: o,
+                count: os,
+            };
+            match &self.codes {
+                Codes::Q8 { codes, scales } => {
+                    let halves =
+                        outputs.map(|output| codes[output * k..(output + 1) * k].as_chunks().0);
+                    let scales =
+                        outputs.map(|output| &scales[output * blocks..(output + 1) * blocks]);
+                    code_rows::<C, _>(span, group, tile, blocks, |c, block| {
+                        q8_weights(&halves[c][2 * block..2 * block + 2], scales[c][block])
+                    });
+                }
+                Codes::Q4 { nibbles, scale_min } => {
+                    let bytes = outputs
+                        .map(|output| nibbles[output * k / 2..(output + 1) * k / 2].as_chunks().0);
+                    let scale_min =
+                        outputs.map(|output| &scale_min[output * blocks..(output + 1) * blocks]);
+                    code_rows::<C, _>(span, group, tile, blocks, |c, block| {
+                        q4_weights(&bytes[c][block], scale_min[c][block])
+                    });
+                }
+            }
+            o += os;
+        }
+    }
+}
+
+/// Outputs `first..first + count` of a work item's tile.
+#[derive(Clone, Copy)]
+struct OutputGroup {
+    first: usize,
+    count: usize,
+}
+
+/// Runs the code kernel over all rows of `span` for one group of `C` outputs whose block
+/// weights `weights(c, block)` gives, writing the group's columns of `tile`.
+#[inline(always)]
+fn code_rows<const C: usize, W: Fn(usize, usize) -> [f32x8; PARTS]>(
+    span: TileSpan<'_>,
+    group: OutputGroup,
+    tile: &mut [f32],
+    blocks: usize,
+    weights: W,
+) {
+    let TileSpan {
+        x,
+        row_count,
+        output_count,
+        ..
+    } = span;
+    let k = blocks * Q8_BLOCK;
+    let mut r = 0;
+    while r < row_count {
+        let rs = (CODE_TILE_ROWS / C).min(row_count - r);
+        let mut put = |sums: &[[f32; C]]| {
+            for (i, row_sums) in sums.iter().enumerate() {
+                let start = (r + i) * output_count + group.first;
+                tile[start..start + group.count].copy_from_slice(&row_sums[..group.count]);
+            }
+        };
+        match rs {
+            8 => put(&code_kernel::<8, C, W>(row_refs(x, k, r), blocks, &weights)),
+            7 => put(&code_kernel::<7, C, W>(row_refs(x, k, r), blocks, &weights)),
+            6 => put(&code_kernel::<6, C, W>(row_refs(x, k, r), blocks, &weights)),
+            5 => put(&code_kernel::<5, C, W>(row_refs(x, k, r), blocks, &weights)),
+            4 => put(&code_kernel::<4, C, W>(row_refs(x, k, r), blocks, &weights)),
+            3 => put(&code_kernel::<3, C, W>(row_refs(x, k, r), blocks, &weights)),
+            2 => put(&code_kernel::<2, C, W>(row_refs(x, k, r), blocks, &weights)),
+            _ => put(&code_kernel::<1, C, W>(row_refs(x, k, r), blocks, &weights)),
+        }
+        r += rs;
+    }
+}
+
+/// The rows and outputs one work item computes.
+#[derive(Clone, Copy)]
+struct TileSpan<'a> {
+    /// The item's input rows.
+    x: &'a [f32],
+    row_count: usize,
+    first_output: usize,
+    output_count: usize,
 }
 
 /// `R` consecutive `k`-wide rows of `x`, from row `first`.
@@ -307,125 +454,71 @@ fn widen(codes: i16x8) -> f32x8 {
     f32x8::from_i32x8(i32x8::from_i16x8(codes))
 }
 
-/// Dot products of `R` input rows with one weight row given as Q8_0 codes and scales.
+/// Dot products of `R` input rows with `C` weight rows whose block weights `weights(c, block)`
+/// gives.
 #[inline(always)]
-fn code_kernel<const R: usize>(x: [&[f32]; R], codes: &[i8], scales: &[f32]) -> [f32; R] {
-    const PARTS: usize = Q8_BLOCK / LANES;
-    const HALF: usize = Q8_BLOCK / 2;
+fn code_kernel<const R: usize, const C: usize, W: Fn(usize, usize) -> [f32x8; PARTS]>(
+    x: [&[f32]; R],
+    blocks: usize,
+    weights: &W,
+) -> [[f32; C]; R] {
     let x = x.map(|row| row.as_chunks::<LANES>().0);
-    let (halves, _) = codes.as_chunks::<HALF>();
-    let steps = scales.len() * PARTS;
-    assert!(halves.len() == 2 * scales.len() && x.iter().all(|row| row.len() == steps));
-    let mut acc = [f32x8::ZERO; R];
-    for (block, &scale) in scales.iter().enumerate() {
-        let scale = f32x8::splat(scale);
-        // Sign-extend 16 codes at a time (one vpmovsxbw), then to i32 and f32.
-        let mut weights = [f32x8::ZERO; PARTS];
-        for half in 0..2 {
-            let wide16 = i16x16::from_i8x16(i8x16::new(halves[2 * block + half])).to_array();
-            let (low, high) = wide16.split_at(LANES);
-            for (part, codes) in [low, high].into_iter().enumerate() {
-                let codes: [i16; LANES] = codes.try_into().unwrap_or([0; LANES]);
-                weights[2 * half + part] = widen(i16x8::new(codes)) * scale;
-            }
-        }
-        for (part, weights) in weights.iter().enumerate() {
+    assert!(x.iter().all(|row| row.len() == blocks * PARTS));
+    let mut acc = [[f32x8::ZERO; C]; R];
+    for block in 0..blocks {
+        let block_weights: [[f32x8; PARTS]; C] = std::array::from_fn(|c| weights(c, block));
+        for part in 0..PARTS {
             let step = block * PARTS + part;
             for (acc_row, x_row) in acc.iter_mut().zip(&x) {
-                *acc_row = load(&x_row[step]).mul_add(*weights, *acc_row);
-            }
-        }
-    }
-    acc.map(reduce)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Q8_0 bytes of a deterministic pseudo-random `[outputs, inputs]` matrix.
-    fn q8_bytes(outputs: usize, inputs: usize, seed: u32) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            state
-        };
-        let mut bytes = Vec::new();
-        for _ in 0..outputs * inputs / Q8_BLOCK {
-            let scale = half::f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5);
-            bytes.extend_from_slice(&scale.to_le_bytes());
-            bytes.extend((0..Q8_BLOCK).map(|_| (next() % 255) as u8));
-        }
-        bytes
-    }
-
-    fn inputs(rows: usize, width: usize) -> Vec<f32> {
-        (0..rows * width)
-            .map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 317.0)
-            .collect()
-    }
-
-    #[test]
-    fn matches_a_plain_f64_matmul() {
-        let (outputs, width) = (70, 96);
-        let matrix =
-            Q8Matrix::from_q8_0_bytes(&q8_bytes(outputs, width, 3), outputs, width).unwrap();
-        for rows in [1, 3, 9, 70] {
-            let x = inputs(rows, width);
-            let got = matrix.matmul(&x, rows);
-            for r in 0..rows {
-                for o in 0..outputs {
-                    let expected: f64 = (0..width)
-                        .map(|i| {
-                            f64::from(x[r * width + i]) * f64::from(matrix.dense()[o * width + i])
-                        })
-                        .sum();
-                    let value = got[r * outputs + o];
-                    assert!(
-                        (f64::from(value) - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
-                        "rows {rows}: [{r}, {o}] = {value}, expected {expected}"
-                    );
+                let xv = load(&x_row[step]);
+                for (acc_out, weights) in acc_row.iter_mut().zip(&block_weights) {
+                    *acc_out = xv.mul_add(weights[part], *acc_out);
                 }
             }
         }
     }
+    acc.map(|row| row.map(reduce))
+}
 
-    #[test]
-    fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
-        let (outputs, width) = (67, 160);
-        let matrix =
-            Q8Matrix::from_q8_0_bytes(&q8_bytes(outputs, width, 9), outputs, width).unwrap();
-        let x = inputs(130, width);
-        let batch = matrix.matmul(&x, 130);
-        for row in [0, 5, 63, 64, 129] {
-            let alone = matrix.matmul(&x[row * width..(row + 1) * width], 1);
-            assert_eq!(
-                alone,
-                batch[row * outputs..(row + 1) * outputs],
-                "row {row}"
-            );
-            let few = matrix.matmul(
-                &x[row.saturating_sub(2) * width..(row + 1) * width],
-                row.min(2) + 1,
-            );
-            assert_eq!(
-                &few[row.min(2) * outputs..],
-                &batch[row * outputs..(row + 1) * outputs]
-            );
+/// The 32 weights of one Q4_1 block as four f32 vectors, each `fma(code, scale, min)`.
+#[inline(always)]
+fn q4_weights(bytes: &[i8; Q8_BLOCK / 2], [scale, min]: [half::f16; 2]) -> [f32x8; PARTS] {
+    let (scale, min) = (f32x8::splat(scale.to_f32()), f32x8::splat(min.to_f32()));
+    // Sign-extend the 16 bytes to 16 bit (one vpmovsxbw), then split the nibbles.
+    let wide16 = i16x16::from_i8x16(i8x16::new(*bytes));
+    let mask = i16x16::splat(0x0F);
+    let mut weights = [f32x8::ZERO; PARTS];
+    for (half, codes) in [wide16 & mask, (wide16 >> 4) & mask]
+        .into_iter()
+        .enumerate()
+    {
+        let codes = codes.to_array();
+        let (low, high) = codes.split_at(LANES);
+        for (part, codes) in [low, high].into_iter().enumerate() {
+            let codes: [i16; LANES] = codes.try_into().unwrap_or([0; LANES]);
+            weights[2 * half + part] = widen(i16x8::new(codes)).mul_add(scale, min);
         }
     }
-
-    #[test]
-    fn rejects_bad_shapes() {
-        assert!(matches!(
-            Q8Matrix::from_q8_0_bytes(&[], 1, 30),
-            Err(BuildQ8MatrixError::Width { width: 30 })
-        ));
-        assert!(matches!(
-            Q8Matrix::from_q8_0_bytes(&[0; 33], 1, 32),
-            Err(BuildQ8MatrixError::Size { bytes: 33, .. })
-        ));
-    }
+    weights
 }
+
+/// The 32 weights of one Q8_0 block (two halves of 16 codes) as four f32 vectors.
+#[inline(always)]
+fn q8_weights(halves: &[[i8; Q8_BLOCK / 2]], scale: f32) -> [f32x8; PARTS] {
+    let scale = f32x8::splat(scale);
+    let mut weights = [f32x8::ZERO; PARTS];
+    for (half, codes) in halves.iter().enumerate() {
+        // Sign-extend 16 codes at a time (one vpmovsxbw), then to i32 and f32.
+        let wide16 = i16x16::from_i8x16(i8x16::new(*codes)).to_array();
+        let (low, high) = wide16.split_at(LANES);
+        for (part, codes) in [low, high].into_iter().enumerate() {
+            let codes: [i16; LANES] = codes.try_into().unwrap_or([0; LANES]);
+            weights[2 * half + part] = widen(i16x8::new(codes)) * scale;
+        }
+    }
+    weights
+}
+
+#[cfg(test)]
+#[path = "matmul_tests.rs"]
+mod tests;
