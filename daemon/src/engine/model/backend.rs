@@ -22,6 +22,20 @@ pub struct PrepareWeightError {
     pub source: Box<candle_core::Error>,
 }
 
+impl PrepareWeightError {
+    /// Wraps a failure to prepare tensor `tensor` on `backend` (for `map_err`).
+    pub fn for_tensor<'a>(
+        tensor: &'a str,
+        backend: &'static str,
+    ) -> impl Fn(candle_core::Error) -> Self + Copy + 'a {
+        move |source| Self {
+            tensor: tensor.to_string(),
+            backend,
+            source: Box::new(source),
+        }
+    }
+}
+
 /// Why a backend operation failed.
 #[derive(Debug, thiserror::Error)]
 #[error("{backend} backend failed in {operation}")]

@@ -9,10 +9,11 @@
 //! against 36 for the Q8_0 codes with f32 scales.
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
 
 use crate::engine::model::attention::{AttentionShape, ChunkRows, LayerKv, paged_attention};
-use crate::engine::model::backend::{Backend, BackendOpError, PrepareWeightError};
+use crate::engine::model::backend::{
+    Backend, BackendOpError, PrepareWeightError, dequantize_stacked,
+};
 use crate::engine::model::matmul::{Q8_BLOCK, QuantMatrix};
 
 /// Runs the model on the CPU.
@@ -74,11 +75,7 @@ impl Backend for CpuBackend {
         name: &str,
         parts: Vec<QTensor>,
     ) -> Result<CpuLinear, PrepareWeightError> {
-        let error = |source| PrepareWeightError {
-            tensor: name.to_string(),
-            backend: "cpu",
-            source: Box::new(source),
-        };
+        let error = PrepareWeightError::for_tensor(name, "cpu");
         let inputs = parts
             .first()
             .and_then(|part| part.shape().dims().get(1).copied())
@@ -100,12 +97,7 @@ impl Backend for CpuBackend {
             }
             (dtype, bytes)
         } else {
-            let dense = parts
-                .iter()
-                .map(|part| part.dequantize(&Device::Cpu))
-                .collect::<candle_core::Result<Vec<Tensor>>>()
-                .map_err(error)?;
-            let stacked = Tensor::cat(&dense, 0).map_err(error)?;
+            let stacked = dequantize_stacked(&parts).map_err(error)?;
             if !inputs.is_multiple_of(Q8_BLOCK) {
                 let weights = stacked
                     .flatten_all()

@@ -44,11 +44,7 @@ impl Backend for CudaBackend {
         name: &str,
         parts: Vec<QTensor>,
     ) -> Result<DeviceMatrix, PrepareWeightError> {
-        let error = |source| PrepareWeightError {
-            tensor: name.to_string(),
-            backend: "cuda",
-            source: Box::new(source),
-        };
+        let error = PrepareWeightError::for_tensor(name, "cuda");
         let stacked = dequantize_stacked(&parts).map_err(error)?;
         let (outputs, inputs) = stacked.dims2().map_err(error)?;
         let weights: Vec<f32> = stacked
