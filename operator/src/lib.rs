@@ -8,7 +8,6 @@ pub mod controller;
 pub mod daemon;
 pub mod fleet;
 pub mod names;
-pub mod placement;
 pub mod rate_limit;
 pub mod settings;
 pub mod skill_finalizer;

@@ -6,9 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
 use skillkv_api::admin::{DaemonState, DesiredAdapter, DesiredSkill, SkillOrigin};
+use skillkv_api::placement::{Placement, PodSlot, SkillDemand, blocks_for_tokens, place_skills};
 use skillkv_api::v1alpha1::{LoRAAdapter, PlacementState, Skill};
-
-use crate::placement::{Placement, PodSlot, SkillDemand, blocks_for_tokens, place_skills};
 
 /// Tokens per block when no daemon has reported its block size.
 pub const DEFAULT_BLOCK_TOKENS: u64 = 16;

@@ -5,9 +5,10 @@
 //! skill placement: skill KV hit rate, TTFT p50/p99 and requests/s, side by side with ratios
 //! to round-robin. Then the router's own overhead against a backend that answers at once.
 //!
-//! Placement (what the operator would do): every daemon knows every skill; daemon `d` gives
-//! skill `j` a high priority when `j mod N == d`, so each skill is pinned on exactly one daemon
-//! and the rest do not fit its budget (Failed: InsufficientKVCapacity, served cold).
+//! Placement (`--placement`, see [`skills`]): by default as the operator places Skill objects
+//! — the hottest skills on every daemon, the long tail once, by the operator's own placement
+//! function — each daemon pushed exactly the skills placed on it; or `partitioned`, each skill
+//! pinned on one daemon and known (served cold) by the others.
 //!
 //! ```sh
 //! cargo run -p skillkv-router --example bench_routing -- --help
@@ -19,7 +20,10 @@
 mod overhead;
 #[path = "../../tests/real/mod.rs"]
 mod real;
+mod report;
+mod skills;
 
+use std::collections::BTreeSet;
 use std::error::Error;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,11 +33,8 @@ use axum::http::{Request, StatusCode, header};
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use skillkv_api::v1alpha1::{Assembly, PlacementState};
-use skillkv_daemon::cli::bench::percentile;
 use skillkv_daemon::cli::bench::skills::{WorkItem, workload};
 use skillkv_daemon::engine::testing::TinyModelSpec;
 use skillkv_router::client::{Upstream, get_request};
@@ -42,6 +43,8 @@ use skillkv_router::{BackendConfig, BoundRouter, RouterConfig};
 use tokio::sync::oneshot;
 
 use crate::real::{DaemonOptions, RealDaemon, client, write_model};
+use crate::report::{PolicyResult, one_request, policy_name, print_table};
+use crate::skills::{PlacementMode, PushMode, skill_document};
 
 type BenchResult<T> = Result<T, Box<dyn Error>>;
 
@@ -72,9 +75,22 @@ struct Args {
     /// Tokens per skill (approximate).
     #[arg(long, default_value_t = 2000)]
     skill_tokens: usize,
-    /// Pinned budget of each daemon, in skills (S/N plus a little slack by default).
+    /// Pinned budget of each daemon, in skills [default: S/2 for `replicate-hot`, S/N + 0.5
+    /// for `partitioned`].
     #[arg(long)]
     pinned_skills: Option<f64>,
+    /// How skills are placed: `replicate-hot` (as the operator places Skill objects: the
+    /// `--hot-skills` most popular on every daemon with a higher priority, the rest with
+    /// `replicas: 1`) or `partitioned` (each pinned on one daemon, served cold by the others).
+    #[arg(long, value_enum, default_value = "replicate-hot")]
+    placement: PlacementMode,
+    /// `replicate-hot`: how many of the most popular skills every daemon holds.
+    #[arg(long, default_value_t = 3)]
+    hot_skills: usize,
+    /// `replicate-hot`: what a daemon is told of the skills not placed on it: nothing
+    /// (`placed`, as the operator does) or all of them, served cold (`all`).
+    #[arg(long, value_enum, default_value = "placed")]
+    push: PushMode,
     /// Fraction of each daemon's KV pool skills may pin (the daemon's default); the pool is
     /// the pinned budget over it.
     #[arg(long, default_value_t = 0.5)]
@@ -110,85 +126,6 @@ struct Args {
     overhead_requests: usize,
 }
 
-/// What one request saw.
-#[derive(Debug, Default, Clone)]
-struct Sample {
-    ttft: f64,
-    skills: usize,
-    warm: usize,
-    prompt_tokens: u64,
-    cached_tokens: u64,
-    failed: bool,
-}
-
-/// What one policy measured.
-#[derive(Debug)]
-struct PolicyResult {
-    policy: Policy,
-    samples: Vec<Sample>,
-    wall: Duration,
-}
-
-impl PolicyResult {
-    fn ok(&self) -> impl Iterator<Item = &Sample> {
-        self.samples.iter().filter(|s| !s.failed)
-    }
-    fn hit_rate(&self) -> f64 {
-        let (warm, total) = self
-            .ok()
-            .fold((0, 0), |(w, t), s| (w + s.warm, t + s.skills));
-        warm as f64 / total.max(1) as f64
-    }
-    fn cached_share(&self) -> f64 {
-        let (cached, prompt) = self.ok().fold((0, 0), |(c, p), s| {
-            (c + s.cached_tokens, p + s.prompt_tokens)
-        });
-        cached as f64 / prompt.max(1) as f64
-    }
-    fn ttft(&self, q: f64) -> f64 {
-        let values: Vec<f64> = self.ok().map(|s| s.ttft).collect();
-        percentile(&values, q)
-    }
-    fn rps(&self) -> f64 {
-        self.ok().count() as f64 / self.wall.as_secs_f64().max(1e-9)
-    }
-}
-
-const TOPICS: [&str; 16] = [
-    "caches", "queues", "kernels", "indexes", "leases", "shards", "tokens", "sockets", "paging",
-    "locks", "probes", "quotas", "batches", "replicas", "schemas", "traces",
-];
-const NOUNS: [&str; 12] = [
-    "request", "buffer", "thread", "budget", "counter", "window", "table", "stream", "timer",
-    "record", "header", "worker",
-];
-const VERBS: [&str; 8] = [
-    "stalls", "grows", "retries", "drops", "splits", "waits", "spikes", "drifts",
-];
-
-/// A SKILL.md of about `chars` characters about its own topic.
-fn skill_document(index: usize, chars: usize) -> (String, String) {
-    let name = format!("skill-{index:02}");
-    let topic = TOPICS[index % TOPICS.len()];
-    let mut rng = StdRng::seed_from_u64(1000 + index as u64);
-    let mut body = format!("Guide {index} on {topic}. ");
-    let mut rule = 0;
-    while body.len() < chars {
-        let pick =
-            |rng: &mut StdRng, words: &[&'static str]| words[rng.random_range(0..words.len())];
-        body.push_str(&format!(
-            "Rule {rule} for {topic}: when the {} {}, check the {} before the {}. ",
-            pick(&mut rng, &NOUNS),
-            pick(&mut rng, &VERBS),
-            pick(&mut rng, &NOUNS),
-            pick(&mut rng, &NOUNS),
-        ));
-        rule += 1;
-    }
-    let text = real::skill_markdown(&name, &format!("Guidance on {topic} number {index}"), &body);
-    (name, text)
-}
-
 async fn post_json(
     client: &Upstream,
     url: &str,
@@ -206,12 +143,13 @@ async fn post_json(
     ))
 }
 
-/// The probe: bytes of KV per token and characters per token of skill text, from one daemon.
+/// The probe: bytes of KV per token and characters per token of skill text, from one daemon
+/// (returned for [`skill_tokens`]).
 async fn calibrate(
     options: &DaemonOptions,
     model_id: &str,
     chars: usize,
-) -> BenchResult<(usize, f64)> {
+) -> BenchResult<(RealDaemon, usize, f64)> {
     let http = client();
     let daemon = RealDaemon::start(options);
     daemon.wait_ready(&http, Duration::from_secs(120)).await;
@@ -235,7 +173,43 @@ async fn calibrate(
         tokens.push(answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as f64);
     }
     let chars_per_token = (sample.len() - 1) as f64 / (tokens[1] - tokens[0]).max(1.0);
-    Ok((bytes_per_token, chars_per_token))
+    Ok((daemon, bytes_per_token, chars_per_token))
+}
+
+/// Each skill's token count as a daemon reports it (what the operator places by): the probe
+/// tokenizes every document when it is pushed.
+async fn skill_tokens(
+    probe: &RealDaemon,
+    documents: &[(String, String)],
+    assembly: Assembly,
+) -> BenchResult<Vec<usize>> {
+    let http = client();
+    let desired: Vec<(String, String, i32)> = documents
+        .iter()
+        .map(|(name, text)| (name.clone(), text.clone(), 0))
+        .collect();
+    probe.put_desired(&http, 1, &desired, assembly).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = probe.state(&http).await;
+        let tokens: Option<Vec<usize>> = documents
+            .iter()
+            .map(|(name, _)| {
+                state
+                    .skills
+                    .iter()
+                    .find(|s| s.name == *name && s.tokens > 0)
+                    .map(|s| s.tokens)
+            })
+            .collect();
+        if let Some(tokens) = tokens {
+            return Ok(tokens);
+        }
+        if Instant::now() > deadline {
+            return Err("the probe daemon did not report every skill's tokens in 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Starts the router in-process; dropping the sender stops it.
@@ -290,88 +264,11 @@ async fn wait_router_healthy(http: &Upstream, health: &str, count: usize) -> Ben
     }
 }
 
-/// One streamed request: TTFT, the daemon's cache header and the final usage.
-async fn one_request(http: Upstream, url: String, body: Value, skills: usize) -> Sample {
-    let started = Instant::now();
-    let mut sample = Sample {
-        skills,
-        failed: true,
-        ..Sample::default()
-    };
-    let Ok(request) = Request::post(&url)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-    else {
-        return sample;
-    };
-    let Ok(Ok(response)) =
-        tokio::time::timeout(Duration::from_secs(300), http.request(request)).await
-    else {
-        return sample;
-    };
-    if response.status() != StatusCode::OK {
-        eprintln!("request failed: {}", response.status());
-        return sample;
-    }
-    let cache = response
-        .headers()
-        .get("x-skillkv-cache")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    sample.warm = cache
-        .split(';')
-        .find_map(|part| part.trim().strip_prefix("warm="))
-        .map_or(0, |warm| {
-            warm.split(',')
-                .filter(|n| !n.is_empty() && *n != "none")
-                .count()
-        });
-    // TTFT: the first event carrying generated text (the opening event only names the role),
-    // or the finish event if every token decoded to nothing.
-    let mut body = response.into_body();
-    let (mut pending, mut first, mut done) = (String::new(), None, false);
-    while let Some(Ok(frame)) = body.frame().await {
-        let Some(data) = frame.data_ref() else {
-            continue;
-        };
-        pending.push_str(&String::from_utf8_lossy(data));
-        while let Some(end) = pending.find("\n\n") {
-            let event: String = pending.drain(..end + 2).collect();
-            let data = event.trim().trim_start_matches("data: ");
-            if data == "[DONE]" {
-                done = true;
-                continue;
-            }
-            let Ok(value) = serde_json::from_str::<Value>(data) else {
-                continue;
-            };
-            if let Some(error) = value.get("error") {
-                eprintln!("request failed mid-stream: {error}");
-            }
-            let choice = &value["choices"][0];
-            let text = choice["delta"]["content"]
-                .as_str()
-                .is_some_and(|t| !t.is_empty());
-            if first.is_none() && (text || !choice["finish_reason"].is_null()) {
-                first = Some(started.elapsed().as_secs_f64());
-            }
-            if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
-                sample.prompt_tokens = usage["prompt_tokens"].as_u64().unwrap_or(0);
-                sample.cached_tokens = usage["prompt_tokens_details"]["cached_tokens"]
-                    .as_u64()
-                    .unwrap_or(0);
-            }
-        }
-    }
-    sample.failed = first.is_none() || !done;
-    sample.ttft = first.unwrap_or(f64::NAN);
-    sample
-}
-
 struct Fleet<'a> {
     options: &'a DaemonOptions,
     documents: &'a [(String, String)],
+    /// Each skill's tokens, as the daemons report them.
+    tokens: &'a [usize],
     model_id: &'a str,
 }
 
@@ -388,20 +285,46 @@ async fn run_policy(
     for daemon in &daemons {
         daemon.wait_ready(&http, Duration::from_secs(120)).await;
     }
-    for (d, daemon) in daemons.iter().enumerate() {
-        let skills: Vec<(String, String, i32)> = fleet
-            .documents
+    let mut states = Vec::new();
+    for daemon in &daemons {
+        states.push(daemon.state(&http).await);
+    }
+    let block_tokens = states
+        .first()
+        .map_or(16, |state| state.kv_budget.block_tokens as u64);
+    let demands = skills::demands(fleet.tokens, args.hot_skills, block_tokens);
+    let placement = (args.placement == PlacementMode::ReplicateHot)
+        .then(|| skills::operator_placement(&states, &demands));
+    let desired = skills::desired_per_daemon(
+        fleet.documents,
+        placement.as_ref(),
+        args.push,
+        &demands,
+        daemons.len(),
+    );
+    for (daemon, skills) in daemons.iter().zip(&desired) {
+        daemon.put_desired(&http, 1, skills, args.assembly).await;
+    }
+    if let Some(placement) = &placement {
+        let short: Vec<&String> = placement
+            .skills
             .iter()
-            .enumerate()
-            .map(|(j, (name, text))| {
-                (
-                    name.clone(),
-                    text.clone(),
-                    if j % args.daemons == d { 100 } else { 0 },
-                )
-            })
+            .filter(|(_, a)| a.is_short())
+            .map(|(name, _)| name)
             .collect();
-        daemon.put_desired(&http, 1, &skills, args.assembly).await;
+        let unservable = skills::unservable(work, &desired);
+        println!(
+            "  {:<13} placement {}; short of copies: {short:?}; requests no daemon holds all skills of: {unservable}",
+            policy_name(policy),
+            (0..daemons.len())
+                .map(|d| format!(
+                    "{}: {}",
+                    skills::pod_name(d),
+                    placement.skills_on(&skills::pod_name(d)).join(",")
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
     }
     let mut pinned = Vec::new();
     for daemon in &daemons {
@@ -413,9 +336,11 @@ async fn run_policy(
                 .skills
                 .iter()
                 .filter(|s| s.state == PlacementState::Ready)
-                .count(),
+                .map(|s| s.name.clone())
+                .collect::<BTreeSet<String>>(),
         );
     }
+    let ceiling = skills::hit_rate_ceiling(work, fleet.documents, &pinned);
     let (api, health, stop) =
         start_router(daemons.iter().map(RealDaemon::backend).collect(), policy).await?;
     wait_router_healthy(&http, &health, daemons.len()).await?;
@@ -454,8 +379,10 @@ async fn run_policy(
         })
         .collect();
     println!(
-        "  {:<13} pinned per daemon {pinned:?}; decisions {}",
+        "  {:<13} pinned per daemon {:?} (best possible hit rate {:.1}%); decisions {}",
         policy_name(policy),
+        pinned.iter().map(BTreeSet::len).collect::<Vec<_>>(),
+        ceiling * 100.0,
         decisions.join(" ")
     );
     drop(stop);
@@ -465,42 +392,6 @@ async fn run_policy(
         samples,
         wall,
     })
-}
-
-fn policy_name(policy: Policy) -> &'static str {
-    match policy {
-        Policy::Locality => "locality",
-        Policy::RoundRobin => "round-robin",
-        Policy::LeastLoaded => "least-loaded",
-    }
-}
-
-fn print_table(results: &[PolicyResult]) {
-    let baseline = results.iter().find(|r| r.policy == Policy::RoundRobin);
-    println!(
-        "{:<13} {:>9} {:>9} {:>11} {:>11} {:>8} {:>7}  vs round-robin (hit, TTFT p50, req/s)",
-        "policy", "hit rate", "cached", "TTFT p50", "TTFT p99", "req/s", "failed"
-    );
-    for result in results {
-        let ratios = baseline.map_or_else(String::new, |base| {
-            format!(
-                "{:.2}x  {:.2}x  {:.2}x",
-                result.hit_rate() / base.hit_rate().max(1e-9),
-                result.ttft(0.5) / base.ttft(0.5).max(1e-9),
-                result.rps() / base.rps().max(1e-9)
-            )
-        });
-        println!(
-            "{:<13} {:>8.1}% {:>8.1}% {:>8.1} ms {:>8.1} ms {:>8.2} {:>7}  {ratios}",
-            policy_name(result.policy),
-            result.hit_rate() * 100.0,
-            result.cached_share() * 100.0,
-            result.ttft(0.5) * 1e3,
-            result.ttft(0.99) * 1e3,
-            result.rps(),
-            result.samples.iter().filter(|s| s.failed).count(),
-        );
-    }
 }
 
 fn main() -> BenchResult<()> {
@@ -547,26 +438,54 @@ async fn run(args: Args) -> BenchResult<()> {
             )
         }
     };
-    let pinned_skills = args
-        .pinned_skills
-        .unwrap_or(args.skills as f64 / args.daemons as f64 + 0.5);
+    let pinned_skills = args.pinned_skills.unwrap_or(match args.placement {
+        PlacementMode::ReplicateHot => args.skills as f64 / 2.0,
+        PlacementMode::Partitioned => args.skills as f64 / args.daemons as f64 + 0.5,
+    });
     let mut options = DaemonOptions::new(&model);
     options.max_seqs = args.concurrency.max(4);
-    let (bytes_per_token, chars_per_token) =
+    let (probe, bytes_per_token, chars_per_token) =
         calibrate(&options, &model_id, args.skill_tokens).await?;
     let documents: Vec<(String, String)> = (0..args.skills)
         .map(|j| skill_document(j, (args.skill_tokens as f64 * chars_per_token) as usize))
         .collect();
-    // The pinned budget holds `pinned_skills` skills (each also pays the system prompt and a
-    // partial block); the pool is the budget over the pinned fraction.
-    let pinned_bytes = (pinned_skills * (args.skill_tokens + 48) as f64) as usize * bytes_per_token;
+    let tokens = skill_tokens(&probe, &documents, args.assembly).await?;
+    let block_tokens = probe.state(&client()).await.kv_budget.block_tokens.max(1);
+    drop(probe);
+    // The pinned budget holds `pinned_skills` skills; the pool is the budget over the pinned
+    // fraction.
+    let pinned_bytes = match args.placement {
+        // The largest skill's blocks as the operator counts them, plus one block.
+        PlacementMode::ReplicateHot => {
+            let largest = tokens
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or(0)
+                .div_ceil(block_tokens);
+            ((pinned_skills * largest as f64).ceil() as usize + 1) * block_tokens * bytes_per_token
+        }
+        // As the first runs: a skill is about `--skill-tokens` plus the system prompt and a
+        // partial block.
+        PlacementMode::Partitioned => {
+            (pinned_skills * (args.skill_tokens + 48) as f64) as usize * bytes_per_token
+        }
+    };
     options.pinned_fraction = args.pinned_fraction;
     options.kv_cache_bytes = (pinned_bytes as f64 / args.pinned_fraction) as usize;
     let work = workload(args.skills, args.requests, args.zipf, args.seed);
     let uses: usize = work.iter().map(|w| w.skills.len()).sum();
     println!(
-        "routing benchmark: model {description}, {:?} assembly",
-        args.assembly
+        "routing benchmark: model {description}, {:?} assembly, {:?} placement{}",
+        args.assembly,
+        args.placement,
+        match args.placement {
+            PlacementMode::ReplicateHot => format!(
+                " ({} hot skills on every daemon, push {:?})",
+                args.hot_skills, args.push
+            ),
+            PlacementMode::Partitioned => String::new(),
+        }
     );
     println!(
         "  {} daemons, S = {} skills of ~{} tokens, pinned budget {:.1} skills per daemon ({:.0}% of {} MiB KV), \
@@ -587,6 +506,7 @@ async fn run(args: Args) -> BenchResult<()> {
     let fleet = Fleet {
         options: &options,
         documents: &documents,
+        tokens: &tokens,
         model_id: &model_id,
     };
     let mut results = Vec::new();

@@ -338,6 +338,8 @@ impl Fleet {
                     .iter()
                     .filter(|name| state.skills.get(*name).is_some_and(skill_is_warm))
                     .count();
+                let knows_skills = pod.backend.admin_url.is_none()
+                    || skills.iter().all(|name| state.skills.contains_key(name));
                 let prefix_blocks = match (tokens, state.model.as_ref()) {
                     (Some(tokens), Some(model)) if !state.prefix.is_empty() => {
                         let root = model.namespace_root;
@@ -361,6 +363,7 @@ impl Fleet {
                     waiting: state.load.waiting,
                     free_blocks: state.load.free_blocks,
                     skills_ready,
+                    knows_skills,
                     prefix_blocks,
                 }
             })

@@ -136,6 +136,11 @@ fn candidates_count_ready_skills_and_the_cached_prefix() {
     let candidates = fleet.candidates(&pool, &["sql".to_string()], Some(&tokens), Instant::now());
     assert_eq!(candidates[0].skills_ready, 1);
     assert_eq!(candidates[1].skills_ready, 0);
+    // Both know `sql` (b is still prefilling it); neither knows `etl`.
+    assert!(candidates.iter().all(|c| c.knows_skills));
+    let both = ["sql".to_string(), "etl".to_string()];
+    let candidates = fleet.candidates(&pool, &both, Some(&tokens), Instant::now());
+    assert!(candidates.iter().all(|c| !c.knows_skills));
     // Only a leading run counts: pod a holds block 1 but not block 0.
     assert_eq!(candidates[0].prefix_blocks, 0);
     assert_eq!(candidates[1].prefix_blocks, 2);

@@ -1,6 +1,11 @@
 //! Routing decisions as pure functions: given a snapshot of the candidate pods of a pool and a
 //! request's skills, which pod to try first and in what order to try the rest.
 //!
+//! A daemon answers 400 for a skill it does not know, and the operator pushes a skill only to
+//! the pods it is placed on (`replicas: 1` skills live on one pod). So whenever some healthy pod
+//! knows every skill the request names (in any state, warm or not), every policy chooses among
+//! those pods only; when none does, among all healthy pods.
+//!
 //! The locality policy prefers, among the pods the bounded-load rule allows (no pod may reach
 //! more than ⌈(1+ε)× the mean⌉ in-flight requests of the healthy pods, counting this one), the
 //! pod with the most of the request's skills Ready, then the longest cached prefix, then the
@@ -87,6 +92,9 @@ pub struct Candidate {
     pub free_blocks: usize,
     /// How many of the request's skills are Ready on it.
     pub skills_ready: usize,
+    /// It knows every skill the request names (in any state), or it has no admin API, so its
+    /// skills are unknown; true for a request without skills.
+    pub knows_skills: bool,
     /// Leading blocks of the prompt it holds in its prefix cache.
     pub prefix_blocks: usize,
 }
@@ -144,16 +152,22 @@ pub fn decide(
             reason: Reason::Fallback,
         });
     }
+    let knowing: Vec<&Candidate> = healthy.iter().copied().filter(|c| c.knows_skills).collect();
+    let choosable = if knowing.is_empty() {
+        &healthy
+    } else {
+        &knowing
+    };
     let (first, reason) = match config.policy {
         Policy::RoundRobin => (
-            healthy[(turn % healthy.len() as u64) as usize],
+            choosable[(turn % choosable.len() as u64) as usize],
             Reason::RoundRobin,
         ),
-        Policy::LeastLoaded => (least_loaded(&healthy), Reason::Load),
-        Policy::Locality => locality(&healthy, skills, config.load_epsilon),
+        Policy::LeastLoaded => (least_loaded(choosable), Reason::Load),
+        Policy::Locality => locality(&healthy, choosable, skills, config.load_epsilon),
     };
     let mut rest: Vec<&Candidate> = candidates.iter().filter(|c| c.pod != first.pod).collect();
-    rest.sort_by_key(|c| (!c.healthy, load_key(c)));
+    rest.sort_by_key(|c| (!c.healthy, !c.knows_skills, load_key(c)));
     let order = std::iter::once(first.pod)
         .chain(rest.iter().map(|c| c.pod))
         .collect();
@@ -167,21 +181,25 @@ fn least_loaded<'a>(pods: &[&'a Candidate]) -> &'a Candidate {
         .unwrap_or(pods[0])
 }
 
+/// The locality choice among `choosable` (a subset of `healthy`); the load bound is the mean
+/// over every healthy pod.
 fn locality<'a>(
     healthy: &[&'a Candidate],
+    choosable: &[&'a Candidate],
     skills: &[String],
     epsilon: f64,
 ) -> (&'a Candidate, Reason) {
     let in_flight: Vec<usize> = healthy.iter().map(|c| c.in_flight).collect();
     let cap = load_cap(&in_flight, epsilon);
-    let eligible: Vec<&Candidate> = healthy
+    let eligible: Vec<&Candidate> = choosable
         .iter()
         .copied()
         .filter(|c| c.in_flight < cap)
         .collect();
-    // The least-loaded pod is always below the cap, so `eligible` is never empty.
+    // The least-loaded healthy pod is always below the cap; when only some pods know the
+    // skills, they may all be above it, and then one of them still takes the request.
     let eligible = if eligible.is_empty() {
-        healthy.to_vec()
+        choosable.to_vec()
     } else {
         eligible
     };
@@ -205,7 +223,7 @@ fn locality<'a>(
             .unwrap_or(eligible[0]);
         return (pick, Reason::PrefixHit);
     }
-    let warm_but_busy = healthy
+    let warm_but_busy = choosable
         .iter()
         .any(|c| (!skills.is_empty() && c.skills_ready > 0) || c.prefix_blocks > 0);
     if skills.is_empty() || warm_but_busy {

@@ -11,6 +11,7 @@ fn pod(index: usize) -> Candidate {
         waiting: 0,
         free_blocks: 100,
         skills_ready: 0,
+        knows_skills: true,
         prefix_blocks: 0,
     }
 }
@@ -45,6 +46,96 @@ fn more_of_the_skills_beats_fewer_and_prefix_breaks_ties() {
     pods[2].prefix_blocks = 5;
     let decision = decide(&pods, &skills(&["a", "b"]), &locality(), 0).expect("decides");
     assert_eq!(decision.order[0], 2);
+}
+
+/// Three pods as the operator places a hot skill (`replicas` omitted: every pod) and a cold one
+/// (`replicas: 1`, on pod 1 only): the pods without `cold` do not know it.
+fn hot_everywhere_cold_on_pod_1() -> Vec<Candidate> {
+    let mut pods = vec![pod(0), pod(1), pod(2)];
+    for p in &mut pods {
+        p.skills_ready = 1;
+        p.knows_skills = false;
+    }
+    pods[1].skills_ready = 2;
+    pods[1].knows_skills = true;
+    pods
+}
+
+#[test]
+fn a_hot_and_a_cold_skill_go_to_the_pod_holding_the_cold_one() {
+    let request = skills(&["cold", "hot"]);
+    let mut pods = hot_everywhere_cold_on_pod_1();
+    pods[0].in_flight = 1;
+    let decision = decide(&pods, &request, &locality(), 0).expect("decides");
+    assert_eq!((decision.order[0], decision.reason), (1, Reason::SkillHit));
+    // Over the load bound, pod 1 still takes it: nobody else can serve `cold`.
+    pods[1].in_flight = 5;
+    let decision = decide(&pods, &request, &locality(), 0).expect("decides");
+    assert_eq!((decision.order[0], decision.reason), (1, Reason::SkillHit));
+    // Were `cold` known everywhere (served cold elsewhere), the bound would move it.
+    for p in &mut pods {
+        p.knows_skills = true;
+    }
+    let decision = decide(&pods, &request, &locality(), 0).expect("decides");
+    assert_eq!((decision.order[0], decision.reason), (2, Reason::SkillHit));
+}
+
+#[test]
+fn every_policy_chooses_only_among_pods_that_know_the_skills() {
+    let request = skills(&["cold", "hot"]);
+    let mut pods = hot_everywhere_cold_on_pod_1();
+    pods[2].knows_skills = true;
+    pods[2].skills_ready = 1;
+    pods[0].in_flight = 0;
+    pods[1].in_flight = 2;
+    pods[2].in_flight = 1;
+    let round_robin = RoutingConfig {
+        policy: Policy::RoundRobin,
+        ..locality()
+    };
+    let chosen: std::collections::BTreeSet<usize> = (0..6)
+        .map(|turn| {
+            decide(&pods, &request, &round_robin, turn)
+                .expect("decides")
+                .order[0]
+        })
+        .collect();
+    assert_eq!(chosen, [1, 2].into());
+    let least_loaded = RoutingConfig {
+        policy: Policy::LeastLoaded,
+        ..locality()
+    };
+    let decision = decide(&pods, &request, &least_loaded, 0).expect("decides");
+    assert_eq!(
+        decision.order[0], 2,
+        "pod 0 is lighter but does not know `cold`"
+    );
+    // The pods that know the skills come first in the retry order too.
+    assert_eq!(decision.order, vec![2, 1, 0]);
+}
+
+#[test]
+fn when_no_pod_knows_every_skill_any_healthy_pod_may_be_chosen() {
+    let request = skills(&["a", "b"]);
+    let mut pods = vec![pod(0), pod(1), pod(2)];
+    for p in &mut pods {
+        p.knows_skills = false;
+    }
+    pods[0].skills_ready = 1;
+    let decision = decide(&pods, &request, &locality(), 0).expect("decides");
+    assert_eq!((decision.order[0], decision.reason), (0, Reason::SkillHit));
+    let round_robin = RoutingConfig {
+        policy: Policy::RoundRobin,
+        ..locality()
+    };
+    let chosen: std::collections::BTreeSet<usize> = (0..3)
+        .map(|turn| {
+            decide(&pods, &request, &round_robin, turn)
+                .expect("decides")
+                .order[0]
+        })
+        .collect();
+    assert_eq!(chosen.len(), 3);
 }
 
 #[test]

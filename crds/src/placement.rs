@@ -3,6 +3,10 @@
 //! (default: every pod), higher `priority` placed first, spread across nodes, and stable — a
 //! skill stays on the pods that hold it as long as they exist and it fits; only the missing
 //! copies are placed anew (for example after a pod disappears).
+//!
+//! The operator's controller places with it (`skillkv_operator::fleet::plan`); it lives in the
+//! contract crate so that the routing benchmark (`router/examples/bench_routing`) places skills
+//! exactly as the operator does.
 
 use std::collections::{BTreeMap, BTreeSet};
 
