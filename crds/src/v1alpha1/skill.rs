@@ -203,3 +203,11 @@ pub enum PlacementState {
     /// are served, its tokens prefilled per request and cached like any prompt's.
     Unpinned,
 }
+
+impl PlacementState {
+    /// Whether the daemon is done with it for now: Ready, Failed or Unpinned (nothing is
+    /// pending or prefilling).
+    pub fn is_settled(self) -> bool {
+        matches!(self, Self::Ready | Self::Failed | Self::Unpinned)
+    }
+}

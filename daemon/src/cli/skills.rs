@@ -267,7 +267,7 @@ async fn wait_reporting(
     loop {
         let states = registry.snapshot();
         for state in &states {
-            let done = matches!(state.state, PlacementState::Ready | PlacementState::Failed);
+            let done = state.state.is_settled();
             if done && reported.insert(state.name.clone()) {
                 let millis = state.prefill_millis.unwrap_or(0).max(1);
                 writeln!(

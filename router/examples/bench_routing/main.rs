@@ -7,8 +7,8 @@
 //!
 //! Placement (`--placement`, see [`skills`]): by default as the operator places Skill objects
 //! — the hottest skills on every daemon, the long tail once, by the operator's own placement
-//! function — each daemon pushed exactly the skills placed on it; or `partitioned`, each skill
-//! pinned on one daemon and known (served cold) by the others.
+//! function — every daemon pushed every skill, pinned where placed (as the controller does);
+//! or `partitioned`, each skill pinned on one daemon and known (served cold) by the others.
 //!
 //! ```sh
 //! cargo run -p skillkv-router --example bench_routing -- --help
@@ -44,7 +44,7 @@ use tokio::sync::oneshot;
 
 use crate::real::{DaemonOptions, RealDaemon, client, write_model};
 use crate::report::{PolicyResult, one_request, policy_name, print_table};
-use crate::skills::{PlacementMode, PushMode, skill_document};
+use crate::skills::{PlacementMode, skill_document};
 
 type BenchResult<T> = Result<T, Box<dyn Error>>;
 
@@ -84,13 +84,12 @@ struct Args {
     /// `replicas: 1`) or `partitioned` (each pinned on one daemon, served cold by the others).
     #[arg(long, value_enum, default_value = "replicate-hot")]
     placement: PlacementMode,
+    /// The router's bounded-load slack ε (its `--load-epsilon`).
+    #[arg(long, default_value_t = RoutingConfig::default().load_epsilon)]
+    load_epsilon: f64,
     /// `replicate-hot`: how many of the most popular skills every daemon holds.
     #[arg(long, default_value_t = 3)]
     hot_skills: usize,
-    /// `replicate-hot`: what a daemon is told of the skills not placed on it: nothing
-    /// (`placed`, as the operator does) or all of them, served cold (`all`).
-    #[arg(long, value_enum, default_value = "placed")]
-    push: PushMode,
     /// Fraction of each daemon's KV pool skills may pin (the daemon's default); the pool is
     /// the pinned budget over it.
     #[arg(long, default_value_t = 0.5)]
@@ -177,16 +176,16 @@ async fn calibrate(
 }
 
 /// Each skill's token count as a daemon reports it (what the operator places by): the probe
-/// tokenizes every document when it is pushed.
+/// tokenizes every document when it is pushed (known only, not pinned: nothing is prefilled).
 async fn skill_tokens(
     probe: &RealDaemon,
     documents: &[(String, String)],
     assembly: Assembly,
 ) -> BenchResult<Vec<usize>> {
     let http = client();
-    let desired: Vec<(String, String, i32)> = documents
+    let desired: Vec<(String, String, i32, bool)> = documents
         .iter()
-        .map(|(name, text)| (name.clone(), text.clone(), 0))
+        .map(|(name, text)| (name.clone(), text.clone(), 0, false))
         .collect();
     probe.put_desired(&http, 1, &desired, assembly).await;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -215,16 +214,13 @@ async fn skill_tokens(
 /// Starts the router in-process; dropping the sender stops it.
 async fn start_router(
     backends: Vec<BackendConfig>,
-    policy: Policy,
+    routing: RoutingConfig,
 ) -> BenchResult<(String, String, oneshot::Sender<()>)> {
     let config = RouterConfig {
         listen: "127.0.0.1:0".parse()?,
         health_listen: "127.0.0.1:0".parse()?,
         backends,
-        routing: RoutingConfig {
-            policy,
-            ..RoutingConfig::default()
-        },
+        routing,
         max_reconnect_backoff: Duration::from_millis(200),
         ..RouterConfig::default()
     };
@@ -295,13 +291,8 @@ async fn run_policy(
     let demands = skills::demands(fleet.tokens, args.hot_skills, block_tokens);
     let placement = (args.placement == PlacementMode::ReplicateHot)
         .then(|| skills::operator_placement(&states, &demands));
-    let desired = skills::desired_per_daemon(
-        fleet.documents,
-        placement.as_ref(),
-        args.push,
-        &demands,
-        daemons.len(),
-    );
+    let desired =
+        skills::desired_per_daemon(fleet.documents, placement.as_ref(), &demands, daemons.len());
     for (daemon, skills) in daemons.iter().zip(&desired) {
         daemon.put_desired(&http, 1, skills, args.assembly).await;
     }
@@ -312,9 +303,8 @@ async fn run_policy(
             .filter(|(_, a)| a.is_short())
             .map(|(name, _)| name)
             .collect();
-        let unservable = skills::unservable(work, &desired);
         println!(
-            "  {:<13} placement {}; short of copies: {short:?}; requests no daemon holds all skills of: {unservable}",
+            "  {:<13} placement {}; short of copies: {short:?}",
             policy_name(policy),
             (0..daemons.len())
                 .map(|d| format!(
@@ -341,8 +331,14 @@ async fn run_policy(
         );
     }
     let ceiling = skills::hit_rate_ceiling(work, fleet.documents, &pinned);
-    let (api, health, stop) =
-        start_router(daemons.iter().map(RealDaemon::backend).collect(), policy).await?;
+    let (api, health, stop) = start_router(
+        daemons.iter().map(RealDaemon::backend).collect(),
+        RoutingConfig {
+            policy,
+            load_epsilon: args.load_epsilon,
+        },
+    )
+    .await?;
     wait_router_healthy(&http, &health, daemons.len()).await?;
     let url = format!("{api}/v1/chat/completions");
     let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
@@ -480,10 +476,8 @@ async fn run(args: Args) -> BenchResult<()> {
         args.assembly,
         args.placement,
         match args.placement {
-            PlacementMode::ReplicateHot => format!(
-                " ({} hot skills on every daemon, push {:?})",
-                args.hot_skills, args.push
-            ),
+            PlacementMode::ReplicateHot =>
+                format!(" ({} hot skills on every daemon)", args.hot_skills),
             PlacementMode::Partitioned => String::new(),
         }
     );

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use skillkv_daemon::cli::bench::percentile;
 use skillkv_daemon::cli::bench::skills::workload;
 use skillkv_router::BackendConfig;
-use skillkv_router::routing::Policy;
+use skillkv_router::routing::RoutingConfig;
 
 use crate::real::client;
 use crate::{BenchResult, metrics_text, post_json, start_router, wait_router_healthy};
@@ -56,7 +56,7 @@ pub async fn measure(requests: usize) -> BenchResult<()> {
     tokio::spawn(async move { axum::serve(listener, app).await });
     let (api, health, stop) = start_router(
         vec![BackendConfig::without_admin(&backend)],
-        Policy::Locality,
+        RoutingConfig::default(),
     )
     .await?;
     let http = client();

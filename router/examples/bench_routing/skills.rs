@@ -1,8 +1,8 @@
 //! The benchmark's skills: their SKILL.md texts, and which daemon gets which of them — either
 //! as the operator places Skill objects (`replicate-hot`: the operator's own
-//! [`skillkv_api::placement::place_skills`], each daemon pushed exactly the skills placed on it,
-//! as `skillkv_operator::fleet::plan` builds a pod's desired state) or the original
-//! `partitioned` scheme (every daemon knows every skill, each pinned on one daemon).
+//! [`skillkv_api::placement::place_skills`]; every daemon is pushed every skill, pinned where
+//! placed, as `skillkv_operator::fleet::plan` builds a pod's desired state) or the original
+//! `partitioned` scheme (each skill pinned on one daemon).
 
 use std::collections::BTreeSet;
 
@@ -20,27 +20,12 @@ pub enum PlacementMode {
     /// As the operator places Skill objects: the `--hot-skills` most popular skills with
     /// `replicas` omitted (every pod) and a higher `priority`, the rest with `replicas: 1`.
     ReplicateHot,
-    /// Every daemon knows every skill; daemon `d` gives skill `j` priority when
-    /// `j mod N == d`, so each is pinned on exactly one daemon and served cold elsewhere.
+    /// Skill `j` pinned on daemon `j mod N` only (known, served cold, everywhere else).
     Partitioned,
-}
-
-/// What a daemon is told of the skills not placed on it (`replicate-hot`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum PushMode {
-    /// Nothing, as the operator's controller does today: the daemon does not know them and
-    /// answers 400 for a request naming one.
-    Placed,
-    /// Every skill, the unplaced ones below every placed one in priority, so that they do not
-    /// take pinned budget and are served cold: what pushing "every Skill of the model to every
-    /// pod, pinned where placed" would give.
-    All,
 }
 
 /// Priority of the replicated hot skills (the tail's is 0).
 const HOT_PRIORITY: i32 = 10;
-/// Priority of a skill pushed to a daemon it is not placed on (`--push all`).
-const UNPLACED_PRIORITY: i32 = -1000;
 
 const TOPICS: [&str; 16] = [
     "caches", "queues", "kernels", "indexes", "leases", "shards", "tokens", "sockets", "paging",
@@ -118,63 +103,36 @@ pub fn operator_placement(states: &[DaemonState], demands: &[SkillDemand]) -> Pl
     place_skills(&slots, demands)
 }
 
-/// What each daemon is pushed: `(name, SKILL.md, priority)` per daemon. With the operator's
-/// `placement` (`replicate-hot`), as `fleet::plan` builds a pod's desired state: the skills
-/// placed on it, with their Skill's priority (and with `PushMode::All` the others at
-/// [`UNPLACED_PRIORITY`]). Without (`partitioned`): every skill, with a high priority on daemon
-/// `j mod N`.
+/// What each daemon is pushed: `(name, SKILL.md, priority, pin)` per daemon, every skill on
+/// every daemon (so any request can be served anywhere). With the operator's `placement`
+/// (`replicate-hot`), as `fleet::plan` builds a pod's desired state: the Skill's priority, pinned
+/// where placed. Without (`partitioned`): skill `j` pinned on daemon `j mod N` only.
 pub fn desired_per_daemon(
     documents: &[(String, String)],
     placement: Option<&Placement>,
-    push: PushMode,
     demands: &[SkillDemand],
     daemons: usize,
-) -> Vec<Vec<(String, String, i32)>> {
+) -> Vec<Vec<(String, String, i32, bool)>> {
     (0..daemons)
         .map(|d| match placement {
             Some(placement) => demands
                 .iter()
                 .zip(documents)
-                .filter_map(|(demand, (name, text))| {
+                .map(|(demand, (name, text))| {
                     let placed = placement
                         .skills
                         .get(&demand.name)
                         .is_some_and(|a| a.pods.contains(&pod_name(d)));
-                    match (placed, push) {
-                        (true, _) => Some((name.clone(), text.clone(), demand.priority)),
-                        (false, PushMode::All) => {
-                            Some((name.clone(), text.clone(), UNPLACED_PRIORITY))
-                        }
-                        (false, PushMode::Placed) => None,
-                    }
+                    (name.clone(), text.clone(), demand.priority, placed)
                 })
                 .collect(),
             None => documents
                 .iter()
                 .enumerate()
-                .map(|(j, (name, text))| {
-                    let priority = if j % daemons == d { 100 } else { 0 };
-                    (name.clone(), text.clone(), priority)
-                })
+                .map(|(j, (name, text))| (name.clone(), text.clone(), 0, j % daemons == d))
                 .collect(),
         })
         .collect()
-}
-
-/// Requests of `work` (skill indices) that no single daemon can serve with all its skills:
-/// under `replicate-hot` a daemon knows only the skills placed on it, so such a request fails
-/// (400, unknown skill) wherever it goes.
-pub fn unservable(work: &[WorkItem], desired: &[Vec<(String, String, i32)>]) -> usize {
-    work.iter()
-        .filter(|item| {
-            !desired.iter().any(|held| {
-                item.skills.iter().all(|&j| {
-                    held.iter()
-                        .any(|(name, _, _)| *name == skill_document_name(j))
-                })
-            })
-        })
-        .count()
 }
 
 /// The skill hit rate no routing can beat: each request on the daemon that has the most of its

@@ -1,10 +1,11 @@
 //! Routing decisions as pure functions: given a snapshot of the candidate pods of a pool and a
 //! request's skills, which pod to try first and in what order to try the rest.
 //!
-//! A daemon answers 400 for a skill it does not know, and the operator pushes a skill only to
-//! the pods it is placed on (`replicas: 1` skills live on one pod). So whenever some healthy pod
-//! knows every skill the request names (in any state, warm or not), every policy chooses among
-//! those pods only; when none does, among all healthy pods.
+//! A daemon answers 400 for a skill it does not know. In a cluster every pod knows every skill
+//! of its model (the operator pushes them all, pinned only where placed), but daemons started
+//! with different `--skills` folders, or a pod the operator has not pushed yet, may not. So
+//! whenever some healthy pod knows every skill the request names (in any state, warm or not),
+//! every policy chooses among those pods only; when none does, among all healthy pods.
 //!
 //! The locality policy prefers, among the pods the bounded-load rule allows (no pod may reach
 //! more than ⌈(1+ε)× the mean⌉ in-flight requests of the healthy pods, counting this one), the

@@ -14,7 +14,7 @@ use axum::http::{Request, StatusCode, header};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use skillkv_api::admin::{DaemonState, DesiredSkill, DesiredState};
-use skillkv_api::v1alpha1::{Assembly, PlacementState};
+use skillkv_api::v1alpha1::Assembly;
 use skillkv_daemon::engine::testing::{TinyModelSpec, write_tiny_gguf};
 use skillkv_daemon::engine::{EngineConfig, KvCacheSize};
 use skillkv_daemon::server::serving::SkillsSettings;
@@ -209,24 +209,24 @@ impl RealDaemon {
         serde_json::from_slice(&body).expect("a daemon state")
     }
 
-    /// `PUT /admin/v1/desired` with `(name, SKILL.md text, priority)` skills.
+    /// `PUT /admin/v1/desired` with `(name, SKILL.md text, priority, pin)` skills.
     pub async fn put_desired(
         &self,
         client: &Upstream,
         generation: u64,
-        skills: &[(String, String, i32)],
+        skills: &[(String, String, i32, bool)],
         assembly: Assembly,
     ) {
         let desired = DesiredState {
             generation,
             skills: skills
                 .iter()
-                .map(|(name, content, priority)| DesiredSkill {
+                .map(|(name, content, priority, pin)| DesiredSkill {
                     name: name.clone(),
                     content: content.clone(),
                     priority: *priority,
                     assembly,
-                    pin: true,
+                    pin: *pin,
                 })
                 .collect(),
             adapters: Vec::new(),
@@ -265,10 +265,7 @@ impl RealDaemon {
         let deadline = Instant::now() + within_time;
         loop {
             let state = self.state(client).await;
-            let settled = state
-                .skills
-                .iter()
-                .all(|skill| matches!(skill.state, PlacementState::Ready | PlacementState::Failed));
+            let settled = state.skills.iter().all(|skill| skill.state.is_settled());
             if settled {
                 return state;
             }

@@ -325,12 +325,10 @@ impl SkillRegistry {
 
     /// True when no skill is Pending or Prefilling.
     pub fn all_settled(&self) -> bool {
-        self.lock().skills.values().all(|entry| {
-            matches!(
-                entry.state,
-                PlacementState::Ready | PlacementState::Failed | PlacementState::Unpinned
-            )
-        })
+        self.lock()
+            .skills
+            .values()
+            .all(|entry| entry.state.is_settled())
     }
 
     /// Names of the skills from `origin`.
