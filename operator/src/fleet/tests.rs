@@ -349,6 +349,39 @@ async fn an_unreachable_daemon_keeps_its_placement_and_degrades_the_skill() {
     assert!(daemons.pushes.lock().expect("lock").is_empty());
 }
 
+/// Serves one settled pass over `pods` (name, node, IP) with one skill, after the children:
+/// the lists, the skill's status patch (returned), its event, each pod's gate and the model's
+/// status.
+async fn serve_one_skill_pass(
+    api: &mut ApiServerVerifier,
+    pods: &[(&str, &str, &str)],
+    skill: Value,
+) -> Value {
+    let pod_objects = pods
+        .iter()
+        .map(|(name, node, ip)| pod_json(name, node, ip))
+        .collect();
+    serve_lists(api, pod_objects, vec![skill]).await;
+    let patched = api
+        .expect(
+            Method::PATCH,
+            "/apis/skillkv.io/v1alpha1/namespaces/team/skills/sql/status",
+            200,
+            skill_json(None, &[]),
+        )
+        .await;
+    expect_event(api).await;
+    for (name, _, _) in pods {
+        api.expect_echo(
+            Method::PATCH,
+            &format!("/api/v1/namespaces/team/pods/{name}/status"),
+        )
+        .await;
+    }
+    expect_model_status(api, model_json()).await;
+    patched
+}
+
 #[tokio::test]
 async fn a_vanished_pod_is_replaced_by_a_surviving_one() {
     let (ctx, mut api, daemons) = Context::test();
@@ -358,25 +391,12 @@ async fn a_vanished_pod_is_replaced_by_a_surviving_one() {
         async {
             serve_children(&mut api).await;
             // The skill was on llm-0, which is gone; llm-1 remains.
-            serve_lists(
+            serve_one_skill_pass(
                 &mut api,
-                vec![pod_json("llm-1", "node-b", "10.0.0.2")],
-                vec![skill_json(Some(1), &["llm-0"])],
+                &[("llm-1", "node-b", "10.0.0.2")],
+                skill_json(Some(1), &["llm-0"]),
             )
-            .await;
-            let skill = api
-                .expect(
-                    Method::PATCH,
-                    "/apis/skillkv.io/v1alpha1/namespaces/team/skills/sql/status",
-                    200,
-                    skill_json(None, &[]),
-                )
-                .await;
-            expect_event(&mut api).await;
-            api.expect_echo(Method::PATCH, "/api/v1/namespaces/team/pods/llm-1/status")
-                .await;
-            expect_model_status(&mut api, model_json()).await;
-            skill
+            .await
         },
         task,
     )
@@ -404,26 +424,15 @@ async fn every_pod_knows_every_skill_and_only_placed_pods_pin_it() {
     let (skill, result) = run(
         async {
             serve_children(&mut api).await;
-            let pods = vec![
-                pod_json("llm-0", "node-a", "10.0.0.1"),
-                pod_json("llm-1", "node-b", "10.0.0.2"),
-            ];
-            serve_lists(&mut api, pods, vec![skill_json(Some(1), &[])]).await;
-            let skill = api
-                .expect(
-                    Method::PATCH,
-                    "/apis/skillkv.io/v1alpha1/namespaces/team/skills/sql/status",
-                    200,
-                    skill_json(None, &[]),
-                )
-                .await;
-            expect_event(&mut api).await;
-            api.expect_echo(Method::PATCH, "/api/v1/namespaces/team/pods/llm-0/status")
-                .await;
-            api.expect_echo(Method::PATCH, "/api/v1/namespaces/team/pods/llm-1/status")
-                .await;
-            expect_model_status(&mut api, model_json()).await;
-            skill
+            serve_one_skill_pass(
+                &mut api,
+                &[
+                    ("llm-0", "node-a", "10.0.0.1"),
+                    ("llm-1", "node-b", "10.0.0.2"),
+                ],
+                skill_json(Some(1), &[]),
+            )
+            .await
         },
         task,
     )
