@@ -104,9 +104,33 @@ class Daemon:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 60.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
+        return stop_process(self.process, timeout)
+
+
+def stop_process(process: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM (unless it already exited), then its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=timeout)
+
+
+def wait_until_serving(process: subprocess.Popen, log_path: pathlib.Path, ready, seconds: float,
+                       what: str, interval: float) -> None:
+    """Polls `ready()` (connection errors count as not yet) until it is true; fails with the
+    process's log when it exits first, or stops it and fails after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited with {process.returncode}: {log_path.read_text()}")
+        try:
+            if ready():
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop_process(process, 60.0)
+            raise AssertionError(f"{what} never became ready: {log_path.read_text()}")
+        time.sleep(interval)
 
 
 def start_daemon(binary: pathlib.Path, tmp: pathlib.Path, *extra: str, api_key: str | None = API_KEY) -> Daemon:
@@ -135,19 +159,11 @@ def start_daemon(binary: pathlib.Path, tmp: pathlib.Path, *extra: str, api_key: 
         stdout=subprocess.DEVNULL, stderr=log_path.open("wb"), env=env,
     )
     daemon = Daemon(process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", log_path)
-    deadline = time.monotonic() + 180
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"skillkv exited with {process.returncode}: {log_path.read_text()}")
-        try:
-            if httpx.get(f"{daemon.base_url}/readyz", timeout=2).status_code == 200:
-                return daemon
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            daemon.stop()
-            raise AssertionError(f"skillkv never became ready: {log_path.read_text()}")
-        time.sleep(0.1)
+    wait_until_serving(
+        process, log_path, lambda: httpx.get(f"{daemon.base_url}/readyz", timeout=2).status_code == 200,
+        seconds=180, what="skillkv", interval=0.1,
+    )
+    return daemon
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import signal
 import subprocess
-import time
 
 import httpx
 import openai
 import pytest
-from conftest import ADMIN_TOKEN, Daemon, free_port, start_daemon
+from conftest import ADMIN_TOKEN, Daemon, free_port, start_daemon, stop_process, wait_until_serving
 
 ROUTER_KEY = "sk-router-test-0123456789"
 
@@ -43,9 +41,7 @@ class Router:
         return f"{self.base_url}/v1"
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
+        return stop_process(self.process, timeout)
 
 
 def healthy_backends(router: Router) -> int:
@@ -78,19 +74,11 @@ def start_router(binary: pathlib.Path, tmp: pathlib.Path, daemons: list[Daemon])
     )
     router = Router(process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}", log_path)
     # Ready once both daemons' admin event streams are followed (their skills known).
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"the router exited with {process.returncode}: {log_path.read_text()}")
-        try:
-            if healthy_backends(router) == len(daemons):
-                return router
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            router.stop()
-            raise AssertionError(f"the router never saw its backends: {log_path.read_text()}")
-        time.sleep(0.05)
+    wait_until_serving(
+        process, log_path, lambda: healthy_backends(router) == len(daemons),
+        seconds=60, what="the router", interval=0.05,
+    )
+    return router
 
 
 @pytest.fixture(scope="module")

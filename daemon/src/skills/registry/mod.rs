@@ -368,27 +368,6 @@ impl SkillRegistry {
             }
             return changed;
         }
-        let revision = state.next_revision + 1;
-        if let Some(entry) = state.skills.get_mut(&update.name)
-            && entry.latest.document.content_hash == update.document.content_hash
-            && !update.pin
-        {
-            // Same text, no longer pinned here: release the KV, keep knowing the skill.
-            entry.origin = update.origin;
-            entry.assembly = update.assembly;
-            entry.priority = update.priority;
-            entry.pin = false;
-            entry.state = PlacementState::Unpinned;
-            entry.message = None;
-            entry.revision = revision;
-            entry.reserved_blocks = 0;
-            let released = entry.serving.take().map(|serving| serving.pin);
-            state.next_revision = revision;
-            self.publish(&mut state, &update.name);
-            drop(state);
-            self.release_pins(released.into_iter().collect());
-            return true;
-        }
         let prefix = skill_prefix_tokens(&self.template, &self.tokenizer, &update.document.text);
         let (prefix_tokens, failure) = match prefix {
             Ok(tokens) => (tokens, None),
@@ -401,7 +380,8 @@ impl SkillRegistry {
             document: update.document,
             prefix_tokens,
         });
-        state.next_revision = revision;
+        state.next_revision += 1;
+        let revision = state.next_revision;
         let (phase, message) = match failure {
             Some(message) => (PlacementState::Failed, Some(message)),
             None if !update.pin => (PlacementState::Unpinned, None),
@@ -432,7 +412,7 @@ impl SkillRegistry {
         entry.message = message;
         entry.revision = revision;
         entry.reserved_blocks = 0;
-        // A new text that is not pinned here must not be served from the old version's KV.
+        // Not pinned here (placement moved away, possibly with a new text): release the KV.
         let released = if update.pin {
             None
         } else {
