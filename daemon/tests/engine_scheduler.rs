@@ -243,13 +243,15 @@ async fn cancellation_frees_blocks_at_once() {
     assert_eq!(after.used, 0, "{after:?}");
     assert_eq!(after.free + after.cached + after.pinned, baseline.total);
     assert_idle(&engine).await;
-    drop(permits);
 
-    // An explicit cancel answers with a Cancelled finish.
+    // An explicit cancel answers with a Cancelled finish. The gate stays closed until the
+    // cancel is queued, so the engine sees it after at most one pass (opening the gate first
+    // would let a fast engine finish all 1000 tokens before the cancel arrives).
     let mut stream = engine
         .submit(greedy("c2", prompt(10, 10, FAKE_VOCAB), 1000))
         .expect("submit");
     stream.cancel();
+    drop(permits);
     let out = collect(stream).await;
     assert_eq!(out.reason, Some(FinishReason::Cancelled), "{out:?}");
     assert!(out.tokens.len() < 1000);
