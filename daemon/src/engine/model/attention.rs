@@ -11,9 +11,10 @@ use std::sync::OnceLock;
 
 use crate::engine::batch::{BLOCK_SIZE, BlockId};
 use crate::engine::model::ops::exp_lanes;
+use wide::f32x8;
 
 /// Query rows processed together against each block.
-const ROWS_PER_GROUP: usize = 4;
+const ROWS_PER_GROUP: usize = 6;
 /// Tokens of one chunk handled by one work item.
 const TOKENS_PER_ITEM: usize = 8;
 
@@ -142,6 +143,8 @@ fn attend_item(
         let limits = &visible[start..start + count];
         let out = &mut output[start * hd..(start + count) * hd];
         match count {
+            6 => attend_rows::<6>(q, limits, chunk.block_table, geometry, kv, out),
+            5 => attend_rows::<5>(q, limits, chunk.block_table, geometry, kv, out),
             4 => attend_rows::<4>(q, limits, chunk.block_table, geometry, kv, out),
             3 => attend_rows::<3>(q, limits, chunk.block_table, geometry, kv, out),
             2 => attend_rows::<2>(q, limits, chunk.block_table, geometry, kv, out),
@@ -162,6 +165,11 @@ struct BlockGeometry {
 
 /// Online-softmax attention of `R` query rows (`[R][head_dim]`, pre-scaled) that see
 /// `visible[r]` positions each; writes `[R][head_dim]` into `out`.
+///
+/// Per block, the `R` rows' scores are one register tile (`R` × 16 slots), and the weighted
+/// sum of values runs over register tiles of `R` rows × up to 32 output lanes, so each K and V
+/// vector loaded serves every row. Each row's arithmetic — the order of its fused multiply-adds,
+/// its rescales and its `exp` — is the same whatever rows share the tile.
 fn attend_rows<const R: usize>(
     queries: &[f32],
     visible: &[usize],
@@ -180,16 +188,12 @@ fn attend_rows<const R: usize>(
         let base = block as usize * geometry.block_stride + geometry.head_offset;
         let keys = &kv.k[base..base + hd * BLOCK_SIZE];
         let values = &kv.v[base..base + hd * BLOCK_SIZE];
-        let mut scores = [[0.0f32; BLOCK_SIZE]; R];
-        let (key_rows, _) = keys.as_chunks::<BLOCK_SIZE>();
-        for (d, key_row) in key_rows.iter().enumerate() {
-            for (r, row_scores) in scores.iter_mut().enumerate() {
-                let q = queries[r * hd + d];
-                for (score, key) in row_scores.iter_mut().zip(key_row) {
-                    *score = q.mul_add(*key, *score);
-                }
-            }
-        }
+        let scores = block_scores::<R>(queries, hd, keys);
+        let mut step = BlockStep {
+            weights: [[0.0f32; BLOCK_SIZE]; R],
+            valid: [0; R],
+            correction: [1.0; R],
+        };
         for r in 0..R {
             let valid = visible[r]
                 .saturating_sub(block_index * BLOCK_SIZE)
@@ -197,35 +201,151 @@ fn attend_rows<const R: usize>(
             if valid == 0 {
                 continue;
             }
-            let row_scores = &mut scores[r];
+            let mut row_scores = scores[r];
             row_scores[valid..].fill(f32::NEG_INFINITY);
             let block_max = row_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let new_max = running_max[r].max(block_max);
             let correction = (running_max[r] - new_max).exp();
             running_max[r] = new_max;
-            let mut shifted = *row_scores;
-            for score in &mut shifted {
+            for score in &mut row_scores {
                 *score -= new_max;
             }
-            let weights = exp_lanes(shifted);
+            let weights = exp_lanes(row_scores);
             running_sum[r] = running_sum[r] * correction + weights.iter().sum::<f32>();
-            let acc = &mut out[r * hd..(r + 1) * hd];
-            if correction != 1.0 {
-                for a in acc.iter_mut() {
-                    *a *= correction;
-                }
-            }
-            for (weight, value_row) in weights[..valid].iter().zip(values.chunks_exact(hd)) {
-                for (a, v) in acc.iter_mut().zip(value_row) {
-                    *a = weight.mul_add(*v, *a);
-                }
-            }
+            step.weights[r] = weights;
+            step.valid[r] = valid;
+            step.correction[r] = correction;
+        }
+        if R > 3 {
+            accumulate_values::<R, 2>(&step, values, hd, out);
+        } else {
+            accumulate_values::<R, 4>(&step, values, hd, out);
         }
     }
     for r in 0..R {
         let inverse = 1.0 / running_sum[r];
         for a in &mut out[r * hd..(r + 1) * hd] {
             *a *= inverse;
+        }
+    }
+}
+
+/// Lanes of one vector.
+const LANES: usize = 8;
+/// Vectors across a block's slots.
+const SLOT_VECTORS: usize = BLOCK_SIZE / LANES;
+const _: () = assert!(BLOCK_SIZE.is_multiple_of(LANES));
+
+/// One block's softmax weights for `R` rows: `valid[r]` slots count for row `r` (0: the row
+/// sees none of the block), and its running sum of values is rescaled by `correction[r]` first.
+struct BlockStep<const R: usize> {
+    weights: [[f32; BLOCK_SIZE]; R],
+    valid: [usize; R],
+    correction: [f32; R],
+}
+
+/// `q · k` of `R` query rows with a block's 16 keys (`[head_dim][slot]` layout): per dimension,
+/// one fused multiply-add of the broadcast query value into each row's 16 scores.
+#[inline(always)]
+fn block_scores<const R: usize>(
+    queries: &[f32],
+    hd: usize,
+    keys: &[f32],
+) -> [[f32; BLOCK_SIZE]; R] {
+    let mut acc = [[f32x8::ZERO; SLOT_VECTORS]; R];
+    let (key_rows, _) = keys.as_chunks::<BLOCK_SIZE>();
+    for (d, key_row) in key_rows.iter().enumerate() {
+        let (key_lanes, _) = key_row.as_chunks::<LANES>();
+        let k: [f32x8; SLOT_VECTORS] = std::array::from_fn(|v| f32x8::new(key_lanes[v]));
+        for (r, row) in acc.iter_mut().enumerate() {
+            let q = f32x8::splat(queries[r * hd + d]);
+            for (lanes, k) in row.iter_mut().zip(&k) {
+                *lanes = q.mul_add(*k, *lanes);
+            }
+        }
+    }
+    acc.map(|row| {
+        let mut scores = [0.0f32; BLOCK_SIZE];
+        for (chunk, lanes) in scores.chunks_exact_mut(LANES).zip(row) {
+            chunk.copy_from_slice(lanes.as_array());
+        }
+        scores
+    })
+}
+
+/// `out[r] = out[r] × correction[r] + Σ_s weights[r][s] · values[s]` over each row's valid
+/// slots in increasing order, in register tiles of `R` rows × `V` vectors of the head.
+#[inline(always)]
+fn accumulate_values<const R: usize, const V: usize>(
+    step: &BlockStep<R>,
+    values: &[f32],
+    hd: usize,
+    out: &mut [f32],
+) {
+    let mut d = 0;
+    while d + V * LANES <= hd {
+        value_tile::<R, V>(step, values, hd, d, out);
+        d += V * LANES;
+    }
+    while d + LANES <= hd {
+        value_tile::<R, 1>(step, values, hd, d, out);
+        d += LANES;
+    }
+    // A head width that is not a multiple of the lanes: the same arithmetic, one lane at a time.
+    for lane in d..hd {
+        for r in 0..R {
+            let a = &mut out[r * hd + lane];
+            if step.correction[r] != 1.0 {
+                *a *= step.correction[r];
+            }
+            for s in 0..step.valid[r] {
+                *a = step.weights[r][s].mul_add(values[s * hd + lane], *a);
+            }
+        }
+    }
+}
+
+/// [`accumulate_values`] for head lanes `d..d + V * 8` of every row.
+#[inline(always)]
+fn value_tile<const R: usize, const V: usize>(
+    step: &BlockStep<R>,
+    values: &[f32],
+    hd: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    let load = |slice: &[f32]| {
+        let (lanes, _) = slice[..LANES].as_chunks::<LANES>();
+        f32x8::new(lanes[0])
+    };
+    let mut acc: [[f32x8; V]; R] =
+        std::array::from_fn(|r| std::array::from_fn(|v| load(&out[r * hd + d + v * LANES..])));
+    for (row, &correction) in acc.iter_mut().zip(&step.correction) {
+        if correction != 1.0 {
+            let correction = f32x8::splat(correction);
+            for lanes in row.iter_mut() {
+                *lanes *= correction;
+            }
+        }
+    }
+    let common = step.valid.iter().copied().min().unwrap_or(0);
+    let most = step.valid.iter().copied().max().unwrap_or(0);
+    for s in 0..most {
+        let value: [f32x8; V] = std::array::from_fn(|v| load(&values[s * hd + d + v * LANES..]));
+        for (r, row) in acc.iter_mut().enumerate() {
+            if s >= common && s >= step.valid[r] {
+                continue;
+            }
+            let weight = f32x8::splat(step.weights[r][s]);
+            for (lanes, value) in row.iter_mut().zip(&value) {
+                *lanes = weight.mul_add(*value, *lanes);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (v, lanes) in row.iter().enumerate() {
+            let start = r * hd + d + v * LANES;
+            out[start..start + LANES].copy_from_slice(lanes.as_array());
         }
     }
 }
