@@ -4,7 +4,9 @@
 //!
 //! Two kernels compute the very same arithmetic:
 //! - decode rows (up to 31 rows, memory-bound) read the quantized codes and dequantize them on
-//!   the fly, in register tiles of 8 accumulators (1 row × 4 outputs up to 8 rows × 1 output);
+//!   the fly, in register tiles of 8 accumulators (up to 2 rows × 4 outputs for 1–3 rows,
+//!   4 rows × 2 outputs from 4 rows on, so each dequantized block serves four rows and each
+//!   input vector loaded serves two outputs);
 //! - prefill chunks (32 rows or more, compute-bound) read a dense f32 copy of the same weights,
 //!   made once at load time, in register tiles of 4 rows × 2 outputs.
 //!
@@ -308,8 +310,7 @@ impl QuantMatrix {
         };
         match row_count {
             1..=3 => self.code_outputs::<4>(span, &mut tile),
-            4..=7 => self.code_outputs::<2>(span, &mut tile),
-            _ => self.code_outputs::<1>(span, &mut tile),
+            _ => self.code_outputs::<2>(span, &mut tile),
         }
         tile
     }
@@ -416,11 +417,29 @@ fn row_refs<const R: usize>(x: &[f32], k: usize, first: usize) -> [&[f32]; R] {
     std::array::from_fn(|i| &x[(first + i) * k..(first + i + 1) * k])
 }
 
-/// The fixed final reduction of the eight lanes.
+/// The fixed final reduction of each accumulator's eight lanes `l`:
+/// `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`. Eight accumulators at a time are
+/// transposed so that vector `i` holds lane `i` of each, and the same sums run vertically.
 #[inline(always)]
-fn reduce(lanes: f32x8) -> f32 {
-    let l = lanes.to_array();
-    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+fn reduce_tile<const R: usize, const C: usize>(acc: [[f32x8; C]; R]) -> [[f32; C]; R] {
+    let mut out = [[0.0; C]; R];
+    let mut first = 0;
+    while first < R * C {
+        let count = LANES.min(R * C - first);
+        let mut group = [f32x8::ZERO; LANES];
+        for (i, lanes) in group.iter_mut().take(count).enumerate() {
+            let flat = first + i;
+            *lanes = acc[flat / C][flat % C];
+        }
+        let l = f32x8::transpose(group);
+        let sums = (((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))).to_array();
+        for (i, &sum) in sums.iter().take(count).enumerate() {
+            let flat = first + i;
+            out[flat / C][flat % C] = sum;
+        }
+        first += count;
+    }
+    out
 }
 
 #[inline(always)]
@@ -445,7 +464,7 @@ fn dense_kernel<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) 
             }
         }
     }
-    acc.map(|row| row.map(reduce))
+    reduce_tile(acc)
 }
 
 /// Eight codes widened to f32 lanes.
@@ -477,7 +496,7 @@ fn code_kernel<const R: usize, const C: usize, W: Fn(usize, usize) -> [f32x8; PA
             }
         }
     }
-    acc.map(|row| row.map(reduce))
+    reduce_tile(acc)
 }
 
 /// The 32 weights of one Q4_1 block as four f32 vectors, each `fma(code, scale, min)`.
