@@ -25,7 +25,7 @@
 
 use std::sync::OnceLock;
 
-use wide::{f32x8, i8x16, i16x8, i16x16, i32x8};
+use wide::{f32x8, i32x8};
 
 /// Inputs per Q8_0 block.
 pub const Q8_BLOCK: usize = 32;
@@ -467,12 +467,6 @@ fn dense_kernel<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) 
     reduce_tile(acc)
 }
 
-/// Eight codes widened to f32 lanes.
-#[inline(always)]
-fn widen(codes: i16x8) -> f32x8 {
-    f32x8::from_i32x8(i32x8::from_i16x8(codes))
-}
-
 /// Dot products of `R` input rows with `C` weight rows whose block weights `weights(c, block)`
 /// gives.
 #[inline(always)]
@@ -500,25 +494,42 @@ fn code_kernel<const R: usize, const C: usize, W: Fn(usize, usize) -> [f32x8; PA
 }
 
 /// The 32 weights of one Q4_1 block as four f32 vectors, each `fma(code, scale, min)`.
+/// Bytes `0..8` hold inputs 0..8 (low nibbles, part 0) and 16..24 (high nibbles, part 2); bytes
+/// `8..16` hold parts 1 and 3: each half is zero-extended to eight lanes once and split.
 #[inline(always)]
 fn q4_weights(bytes: &[i8; Q8_BLOCK / 2], [scale, min]: [half::f16; 2]) -> [f32x8; PARTS] {
     let (scale, min) = (f32x8::splat(scale.to_f32()), f32x8::splat(min.to_f32()));
-    // Sign-extend the 16 bytes to 16 bit (one vpmovsxbw), then split the nibbles.
-    let wide16 = i16x16::from_i8x16(i8x16::new(*bytes));
-    let mask = i16x16::splat(0x0F);
+    let mask = i32x8::splat(0x0F);
     let mut weights = [f32x8::ZERO; PARTS];
-    for (half, codes) in [wide16 & mask, (wide16 >> 4) & mask]
-        .into_iter()
-        .enumerate()
-    {
-        let codes = codes.to_array();
-        let (low, high) = codes.split_at(LANES);
-        for (part, codes) in [low, high].into_iter().enumerate() {
-            let codes: [i16; LANES] = codes.try_into().unwrap_or([0; LANES]);
-            weights[2 * half + part] = widen(i16x8::new(codes)).mul_add(scale, min);
-        }
+    for (half, lanes) in q4_byte_lanes(bytes).into_iter().enumerate() {
+        weights[half] = f32x8::from_i32x8(lanes & mask).mul_add(scale, min);
+        weights[2 + half] = f32x8::from_i32x8(lanes >> 4).mul_add(scale, min);
     }
     weights
+}
+
+/// Bytes `0..8` and `8..16` of a Q4_1 block, each zero-extended to eight 32-bit lanes (two
+/// `vpmovzxbd`).
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline(always)]
+fn q4_byte_lanes(bytes: &[i8; Q8_BLOCK / 2]) -> [i32x8; 2] {
+    // safe_arch's name for `_mm256_cvtepu8_epi32` says i16, but it widens to 32 bits.
+    use safe_arch::{
+        byte_shr_imm_u128_m128i, convert_to_i16_m256i_from_lower8_u8_m128i as widen_8_bytes, m128i,
+    };
+    let all = m128i::from(*bytes);
+    [all, byte_shr_imm_u128_m128i::<8>(all)].map(|half| i32x8::new(widen_8_bytes(half).into()))
+}
+
+/// Bytes `0..8` and `8..16` of a Q4_1 block, each zero-extended to eight 32-bit lanes.
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+#[inline(always)]
+fn q4_byte_lanes(bytes: &[i8; Q8_BLOCK / 2]) -> [i32x8; 2] {
+    std::array::from_fn(|half| {
+        i32x8::new(std::array::from_fn(|j| {
+            i32::from(bytes[half * LANES + j] as u8)
+        }))
+    })
 }
 
 /// The 32 weights of one Q8_0 block (two halves of 16 codes) as four f32 vectors.
@@ -527,15 +538,32 @@ fn q8_weights(halves: &[[i8; Q8_BLOCK / 2]], scale: f32) -> [f32x8; PARTS] {
     let scale = f32x8::splat(scale);
     let mut weights = [f32x8::ZERO; PARTS];
     for (half, codes) in halves.iter().enumerate() {
-        // Sign-extend 16 codes at a time (one vpmovsxbw), then to i32 and f32.
-        let wide16 = i16x16::from_i8x16(i8x16::new(*codes)).to_array();
-        let (low, high) = wide16.split_at(LANES);
-        for (part, codes) in [low, high].into_iter().enumerate() {
-            let codes: [i16; LANES] = codes.try_into().unwrap_or([0; LANES]);
-            weights[2 * half + part] = widen(i16x8::new(codes)) * scale;
+        for (part, lanes) in q8_code_lanes(codes).into_iter().enumerate() {
+            weights[2 * half + part] = f32x8::from_i32x8(lanes) * scale;
         }
     }
     weights
+}
+
+/// Codes `0..8` and `8..16` of sixteen, each sign-extended to eight 32-bit lanes (two
+/// `vpmovsxbd`).
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline(always)]
+fn q8_code_lanes(codes: &[i8; Q8_BLOCK / 2]) -> [i32x8; 2] {
+    use safe_arch::{
+        byte_shr_imm_u128_m128i, convert_to_i32_m256i_from_lower8_i8_m128i as widen_8_codes, m128i,
+    };
+    let all = m128i::from(*codes);
+    [all, byte_shr_imm_u128_m128i::<8>(all)].map(|half| i32x8::new(widen_8_codes(half).into()))
+}
+
+/// Codes `0..8` and `8..16` of sixteen, each sign-extended to eight 32-bit lanes.
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+#[inline(always)]
+fn q8_code_lanes(codes: &[i8; Q8_BLOCK / 2]) -> [i32x8; 2] {
+    std::array::from_fn(|half| {
+        i32x8::new(std::array::from_fn(|j| i32::from(codes[half * LANES + j])))
+    })
 }
 
 #[cfg(test)]
