@@ -74,8 +74,9 @@ fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
             batch[row * outputs..(row + 1) * outputs],
             "row {row}"
         );
-        // Batches of 2..=9 rows ending with `row` take each register-tile shape.
-        for before in 1..=8 {
+        // Batches of 2..=32 rows ending with `row` take each register-tile shape of the code
+        // kernel (with short row tiles up to 31 rows) and, at 32, the dense copy.
+        for before in (1..=8).chain([10, 15, 22, 30, 31]) {
             let first = row.saturating_sub(before);
             let few = matrix.matmul(&x[first * width..(row + 1) * width], row - first + 1);
             assert_eq!(
