@@ -203,7 +203,7 @@ fn attend_rows<const R: usize>(
             }
             let mut row_scores = scores[r];
             row_scores[valid..].fill(f32::NEG_INFINITY);
-            let block_max = row_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let block_max = tree_reduce(row_scores, f32::max);
             let new_max = running_max[r].max(block_max);
             let correction = (running_max[r] - new_max).exp();
             running_max[r] = new_max;
@@ -211,7 +211,7 @@ fn attend_rows<const R: usize>(
                 *score -= new_max;
             }
             let weights = exp_lanes(row_scores);
-            running_sum[r] = running_sum[r] * correction + weights.iter().sum::<f32>();
+            running_sum[r] = running_sum[r] * correction + tree_reduce(weights, |a, b| a + b);
             step.weights[r] = weights;
             step.valid[r] = valid;
             step.correction[r] = correction;
@@ -228,6 +228,21 @@ fn attend_rows<const R: usize>(
             *a *= inverse;
         }
     }
+}
+
+/// `op` folded over a block's 16 values as a fixed tree (halves combined lane by lane), so the
+/// steps vectorise and run in parallel instead of one dependent chain of 15.
+#[inline(always)]
+fn tree_reduce(mut values: [f32; BLOCK_SIZE], op: impl Fn(f32, f32) -> f32) -> f32 {
+    const { assert!(BLOCK_SIZE.is_power_of_two()) };
+    let mut width = BLOCK_SIZE;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            values[i] = op(values[i], values[i + width]);
+        }
+    }
+    values[0]
 }
 
 /// Lanes of one vector.
