@@ -216,6 +216,7 @@ fn attend_rows<const R: usize>(
             step.valid[r] = valid;
             step.correction[r] = correction;
         }
+        // R rows × V vectors of accumulators, plus V value vectors, within 16 registers.
         if R > 3 {
             accumulate_values::<R, 2>(&step, values, hd, out);
         } else {
@@ -343,12 +344,11 @@ fn value_tile<const R: usize, const V: usize>(
             }
         }
     }
-    let common = step.valid.iter().copied().min().unwrap_or(0);
     let most = step.valid.iter().copied().max().unwrap_or(0);
     for s in 0..most {
         let value: [f32x8; V] = std::array::from_fn(|v| load(&values[s * hd + d + v * LANES..]));
         for (r, row) in acc.iter_mut().enumerate() {
-            if s >= common && s >= step.valid[r] {
+            if s >= step.valid[r] {
                 continue;
             }
             let weight = f32x8::splat(step.weights[r][s]);

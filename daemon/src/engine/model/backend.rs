@@ -7,7 +7,7 @@
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
-use crate::engine::model::attention::{AttentionShape, ChunkRows, LayerKv};
+use crate::engine::model::attention::{AttentionShape, ChunkRows, LayerKv, paged_attention};
 
 /// Why preparing a weight for a backend failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     ) -> Result<Self::Linear, PrepareWeightError>;
 
     /// `input [rows, in] · weightᵀ` → `[rows, out]`. Each output row depends only on its input
-    /// row, bit for bit, whatever the other rows are.
+    /// row; on the CPU bit for bit whatever the other rows are, on CUDA within float rounding
+    /// (cuBLAS picks its summation order by shape).
     fn linear(
         &self,
         weight: &Self::Linear,
@@ -74,14 +75,17 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         rows: usize,
     ) -> Result<Vec<f32>, BackendOpError>;
 
-    /// Causal attention of the chunks' RoPE'd queries over the KV pool layer.
+    /// Causal attention of the chunks' RoPE'd queries over the KV pool layer. Both backends
+    /// keep the pool in host memory today, so the default is the host's paged attention.
     fn attention(
         &self,
         shape: AttentionShape,
         queries: &[f32],
         chunks: &[ChunkRows<'_>],
         kv: LayerKv<'_>,
-    ) -> Vec<f32>;
+    ) -> Vec<f32> {
+        paged_attention(shape, queries, chunks, kv)
+    }
 }
 
 /// The `[Σ outputs, inputs]` f32 matrix of `parts` dequantized and stacked along the output

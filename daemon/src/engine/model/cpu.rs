@@ -10,7 +10,6 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
-use crate::engine::model::attention::{AttentionShape, ChunkRows, LayerKv, paged_attention};
 use crate::engine::model::backend::{
     Backend, BackendOpError, PrepareWeightError, dequantize_stacked,
 };
@@ -149,15 +148,5 @@ impl Backend for CpuBackend {
                 weights, inputs, ..
             } => dense_matmul(weights, *inputs, &input),
         })
-    }
-
-    fn attention(
-        &self,
-        shape: AttentionShape,
-        queries: &[f32],
-        chunks: &[ChunkRows<'_>],
-        kv: LayerKv<'_>,
-    ) -> Vec<f32> {
-        paged_attention(shape, queries, chunks, kv)
     }
 }

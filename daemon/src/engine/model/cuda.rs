@@ -14,7 +14,6 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use skillkv_kernels::gemm::{DeviceMatrix, GpuDevice};
 
-use crate::engine::model::attention::{AttentionShape, ChunkRows, LayerKv, paged_attention};
 use crate::engine::model::backend::{
     Backend, BackendOpError, PrepareWeightError, dequantize_stacked,
 };
@@ -69,15 +68,5 @@ impl Backend for CudaBackend {
                 operation: "linear",
                 source: Box::new(candle_core::Error::wrap(source)),
             })
-    }
-
-    fn attention(
-        &self,
-        shape: AttentionShape,
-        queries: &[f32],
-        chunks: &[ChunkRows<'_>],
-        kv: LayerKv<'_>,
-    ) -> Vec<f32> {
-        paged_attention(shape, queries, chunks, kv)
     }
 }

@@ -37,7 +37,8 @@ const PARTS: usize = Q8_BLOCK / LANES;
 const TILE_ROWS: usize = 4;
 /// Outputs per register tile of the dense kernel.
 const TILE_OUTPUTS: usize = 2;
-/// Accumulators (rows × outputs) per register tile of the 8-bit kernel.
+/// Accumulators (rows × outputs) per register tile of the code kernel: with 4 or 2 outputs
+/// per tile ([`QuantMatrix::code_tile`]), tiles hold at most 4 rows.
 const CODE_TILE_ROWS: usize = 8;
 /// From this many rows on, the dense f32 kernel runs; below it the 8-bit one.
 const DENSE_FROM_ROWS: usize = 32;
@@ -291,9 +292,10 @@ impl QuantMatrix {
         tile
     }
 
-    /// `[row_count][output_count]` from the 8-bit codes, in register tiles of `C` outputs ×
-    /// up to `8 / C` rows: fewer rows get more outputs per tile, so a single decode row still
-    /// runs eight independent accumulator chains rather than waiting on one.
+    /// `[row_count][output_count]` from the quantized codes, in register tiles of `C` outputs ×
+    /// up to `8 / C` rows: 1–3 rows take 4 outputs per tile, so a single decode row still runs
+    /// four independent accumulator chains; from 4 rows on, 4 rows × 2 outputs, so each
+    /// dequantized block serves four rows and each input vector loaded serves two outputs.
     fn code_tile(
         &self,
         x: &[f32],
@@ -380,6 +382,12 @@ fn code_rows<const C: usize, W: Fn(usize, usize) -> [f32x8; PARTS]>(
     let k = blocks * Q8_BLOCK;
     let mut r = 0;
     while r < row_count {
+        const {
+            assert!(
+                CODE_TILE_ROWS / C <= 4,
+                "the match below has arms for 1..=4 rows"
+            )
+        };
         let rs = (CODE_TILE_ROWS / C).min(row_count - r);
         let mut put = |sums: &[[f32; C]]| {
             for (i, row_sums) in sums.iter().enumerate() {
@@ -388,10 +396,6 @@ fn code_rows<const C: usize, W: Fn(usize, usize) -> [f32x8; PARTS]>(
             }
         };
         match rs {
-            8 => put(&code_kernel::<8, C, W>(row_refs(x, k, r), blocks, &weights)),
-            7 => put(&code_kernel::<7, C, W>(row_refs(x, k, r), blocks, &weights)),
-            6 => put(&code_kernel::<6, C, W>(row_refs(x, k, r), blocks, &weights)),
-            5 => put(&code_kernel::<5, C, W>(row_refs(x, k, r), blocks, &weights)),
             4 => put(&code_kernel::<4, C, W>(row_refs(x, k, r), blocks, &weights)),
             3 => put(&code_kernel::<3, C, W>(row_refs(x, k, r), blocks, &weights)),
             2 => put(&code_kernel::<2, C, W>(row_refs(x, k, r), blocks, &weights)),
