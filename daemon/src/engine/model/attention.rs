@@ -1,9 +1,10 @@
 //! Causal grouped-query attention over the paged KV pool (CPU).
 //!
 //! Work is split into items of (chunk, KV head, tile of tokens) run on candle's CPU thread pool.
-//! Inside an item, up to four query rows (token × head of the group) share every K/V block they
-//! read. Scores of one query against a block's 16 slots are 16-lane FMAs over the transposed K
-//! layout of [`KvPool`](crate::engine::kv_pool::KvPool); softmax is online (running max and sum
+//! Inside an item, up to six query rows (token × head of the group) share every K/V block they
+//! read: their scores against a block's 16 slots are one register tile of broadcast FMAs over
+//! the transposed K layout of [`KvPool`](crate::engine::kv_pool::KvPool), and their weighted
+//! sums of V are register tiles of rows × up to 32 lanes. Softmax is online (running max and sum
 //! per row, one rescale per block). Each row's arithmetic is the same whatever rows it is grouped
 //! with, so a sequence's output never depends on the rest of the batch.
 
