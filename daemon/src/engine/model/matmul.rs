@@ -1,50 +1,43 @@
 //! The CPU backend's matrix multiply: `input [rows, in] · weightᵀ` for weights held in GGUF
-//! blocks of 32 inputs — Q8_0 (an f16 scale and 32 signed 8-bit codes) or Q4_1 (an f16 scale and
-//! min and 32 4-bit codes) — with f32 activations.
+//! blocks of 32 inputs — Q8_0 (a scale and 32 signed 8-bit codes) or Q4_1 (a scale, a min and
+//! 32 4-bit codes) — as llama.cpp and candle compute it: the activation rows are rounded to
+//! 8-bit codes per block of 32 ([`QuantizedRows`]), and each block's dot product is an exact
+//! integer sum of byte products (`vpmaddubsw`/`vpmaddwd` on AVX2) scaled once in f32.
 //!
-//! Two kernels compute the very same arithmetic:
-//! - decode rows (up to 31 rows, memory-bound) read the quantized codes and dequantize them on
-//!   the fly, in register tiles of 8 accumulators (up to 2 rows × 4 outputs for 1–3 rows,
-//!   4 rows × 2 outputs from 4 rows on, so each dequantized block serves four rows and each
-//!   input vector loaded serves two outputs);
-//! - prefill chunks (32 rows or more, compute-bound) read a dense f32 copy of the same weights,
-//!   made once at load time, in register tiles of 4 rows × 2 outputs.
+//! One kernel serves every batch shape, in register tiles of 8 accumulators (1–3 rows × 4
+//! outputs, so a single decode row still runs four independent chains; from 4 rows on, 4 rows ×
+//! 2 outputs, so each unpacked weight block serves four rows and each activation block two
+//! outputs). For output `o` and row `r`, the result is fixed by the arithmetic alone:
+//! - per block `b`, in increasing `b`: `acc = fma(f32(isum_b), scale_o,b × scale_r,b, acc)` on
+//!   eight lanes, lane `i` holding the exact integer sum of inputs `4i..4i + 4` of the block;
+//! - then a fixed pairwise sum of the lanes;
+//! - for Q4_1, plus `Σ_b min_o,b × sum_r,b` (the block min times the block's activation sum)
+//!   in a fixed order.
 //!
-//! The dense copy holds exactly what the decode kernel computes (`code × scale` for Q8_0, exact
-//! in f32; `fma(code, scale, min)` for Q4_1, one rounding), so both kernels see
-//! bit-identical weights. Every output element is accumulated the same way in both: eight lanes
-//! over the input dimension (lane `i % 8` takes input `i`, in increasing `i`, one fused
-//! multiply-add each), then a fixed pairwise sum of the lanes. A row's result therefore never
-//! depends on how many rows share the batch or which kernel ran it — the property behind
-//! "reuse equals recompute" and "batching equals sequential".
+//! A row's result therefore never depends on how many rows share the batch or which tile ran
+//! it — the property behind "reuse equals recompute" and "batching equals sequential".
 //!
-//! Work is split into tiles of (rows × outputs) on candle's CPU thread pool; each output element
-//! is computed by exactly one tile, so thread count and scheduling do not change results.
-//! The lanes are `wide::f32x8` vectors: AVX2 registers and `vfmadd` on the workspace's
-//! x86-64-v3 baseline, and the same arithmetic in portable code elsewhere.
+//! Work is split into items of (rows × outputs) on candle's CPU thread pool; each output element
+//! is computed by exactly one item, so thread count and scheduling do not change results.
 
 use std::sync::OnceLock;
 
-use wide::{f32x8, i32x8};
+use wide::f32x8;
 
-/// Inputs per Q8_0 block.
-pub const Q8_BLOCK: usize = 32;
+use crate::engine::model::int8::{self, BLOCK, Bytes, QuantizedRows};
+
+/// Inputs per quantization block.
+pub const Q8_BLOCK: usize = BLOCK;
 /// Accumulator lanes per output element.
 const LANES: usize = 8;
-/// Lane vectors per quantization block.
-const PARTS: usize = Q8_BLOCK / LANES;
-/// Rows per register tile of the dense kernel.
-const TILE_ROWS: usize = 4;
-/// Outputs per register tile of the dense kernel.
-const TILE_OUTPUTS: usize = 2;
-/// Accumulators (rows × outputs) per register tile of the code kernel: with 4 or 2 outputs
-/// per tile ([`QuantMatrix::code_tile`]), tiles hold at most 4 rows.
+/// Accumulators (rows × outputs) per register tile: with 4 or 2 outputs per tile
+/// ([`QuantMatrix::code_tile`]), tiles hold at most 4 rows.
 const CODE_TILE_ROWS: usize = 8;
-/// From this many rows on, the dense f32 kernel runs; below it the 8-bit one.
-const DENSE_FROM_ROWS: usize = 32;
+/// From this many rows on, work items split the rows too (prefill chunks).
+const SPLIT_ROWS_FROM: usize = 32;
 /// Outputs per work item.
 const ITEM_OUTPUTS: usize = 32;
-/// Rows per work item of the dense kernel.
+/// Rows per work item when rows are split.
 const ITEM_ROWS: usize = 64;
 
 /// Why a weight cannot become a [`QuantMatrix`].
@@ -70,29 +63,30 @@ pub enum BuildQuantMatrixError {
     },
 }
 
-/// The quantized weights the decode kernel reads, block by block (32 inputs of one output).
+/// The quantized weights, block by block (32 inputs of one output), `[outputs][blocks]`.
 #[derive(Debug)]
 enum Codes {
-    /// Q8_0: `[outputs][inputs]` signed codes and `[outputs][blocks]` scales (f16 values
-    /// widened to f32); weight = code × scale.
-    Q8 { codes: Vec<i8>, scales: Vec<f32> },
-    /// Q4_1 as stored in GGUF: `[outputs][blocks][16]` bytes whose low nibbles are inputs 0..16
-    /// of the block and high nibbles inputs 16..32, and `[outputs][blocks]` (scale, min) f16
-    /// pairs; weight = fma(code, scale, min) in f32.
+    /// Q8_0: signed codes and scales (f16 values widened to f32); weight = code × scale.
+    Q8 {
+        codes: Vec<[i8; Q8_BLOCK]>,
+        scales: Vec<f32>,
+    },
+    /// Q4_1 as stored in GGUF: 16 bytes whose low nibbles are inputs 0..16 of the block and
+    /// high nibbles inputs 16..32, scales and mins (f16 values widened to f32);
+    /// weight = code × scale + min.
     Q4 {
-        nibbles: Vec<i8>,
-        scale_min: Vec<[half::f16; 2]>,
+        nibbles: Vec<[u8; Q8_BLOCK / 2]>,
+        scales: Vec<f32>,
+        mins: Vec<f32>,
     },
 }
 
-/// A weight matrix `[outputs, inputs]` in Q8_0 or Q4_1 with a dense f32 copy of the same values.
+/// A weight matrix `[outputs, inputs]` in Q8_0 or Q4_1.
 #[derive(Debug)]
 pub struct QuantMatrix {
     outputs: usize,
     inputs: usize,
     codes: Codes,
-    /// `[outputs][inputs]`: exactly the values the decode kernel computes from `codes`.
-    dense: Vec<f32>,
 }
 
 /// Checks `bytes` holds `[outputs, inputs]` weights in blocks of `block_bytes` bytes.
@@ -117,6 +111,10 @@ fn check_size(
     Ok(())
 }
 
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
 impl QuantMatrix {
     /// Builds the matrix from GGUF Q8_0 blocks (`f16` scale, little-endian, then 32 `i8`).
     pub fn from_q8_0_bytes(
@@ -126,28 +124,22 @@ impl QuantMatrix {
     ) -> Result<Self, BuildQuantMatrixError> {
         const BLOCK_BYTES: usize = 2 + Q8_BLOCK;
         check_size("Q8_0", BLOCK_BYTES, bytes, outputs, inputs)?;
-        let mut codes = Vec::with_capacity(outputs * inputs);
-        let mut scales = Vec::with_capacity(outputs * inputs / Q8_BLOCK);
-        let mut dense = Vec::with_capacity(outputs * inputs);
-        for block in bytes.chunks_exact(BLOCK_BYTES) {
-            let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-            scales.push(scale);
-            for &byte in &block[2..] {
-                let code = byte as i8;
-                codes.push(code);
-                dense.push(f32::from(code) * scale);
-            }
-        }
+        let (codes, scales) = bytes
+            .chunks_exact(BLOCK_BYTES)
+            .map(|block| {
+                let codes: [i8; Q8_BLOCK] = std::array::from_fn(|j| block[2 + j] as i8);
+                (codes, f16_at(block, 0))
+            })
+            .unzip();
         Ok(Self {
             outputs,
             inputs,
             codes: Codes::Q8 { codes, scales },
-            dense,
         })
     }
 
     /// Builds the matrix from GGUF Q4_1 blocks (`f16` scale and min, little-endian, then 16
-    /// bytes of 4-bit codes), kept as they are: 20 bytes per 32 weights for decode.
+    /// bytes of 4-bit codes), kept as they are: 20 bytes per 32 weights.
     pub fn from_q4_1_bytes(
         bytes: &[u8],
         outputs: usize,
@@ -155,29 +147,23 @@ impl QuantMatrix {
     ) -> Result<Self, BuildQuantMatrixError> {
         const BLOCK_BYTES: usize = 4 + Q8_BLOCK / 2;
         check_size("Q4_1", BLOCK_BYTES, bytes, outputs, inputs)?;
-        let mut nibbles = Vec::with_capacity(outputs * inputs / 2);
-        let mut scale_min = Vec::with_capacity(outputs * inputs / Q8_BLOCK);
-        let mut dense = vec![0.0; outputs * inputs];
-        for (block, weights) in bytes
-            .chunks_exact(BLOCK_BYTES)
-            .zip(dense.chunks_exact_mut(Q8_BLOCK))
-        {
-            let scale = half::f16::from_le_bytes([block[0], block[1]]);
-            let min = half::f16::from_le_bytes([block[2], block[3]]);
-            scale_min.push([scale, min]);
-            let (scale, min) = (scale.to_f32(), min.to_f32());
-            let (low, high) = weights.split_at_mut(Q8_BLOCK / 2);
-            for ((&byte, low), high) in block[4..].iter().zip(low).zip(high) {
-                nibbles.push(byte as i8);
-                *low = f32::from(byte & 0x0F).mul_add(scale, min);
-                *high = f32::from(byte >> 4).mul_add(scale, min);
-            }
+        let count = outputs * inputs / Q8_BLOCK;
+        let mut nibbles = Vec::with_capacity(count);
+        let mut scales = Vec::with_capacity(count);
+        let mut mins = Vec::with_capacity(count);
+        for block in bytes.chunks_exact(BLOCK_BYTES) {
+            scales.push(f16_at(block, 0));
+            mins.push(f16_at(block, 2));
+            nibbles.push(std::array::from_fn(|j| block[4 + j]));
         }
         Ok(Self {
             outputs,
             inputs,
-            codes: Codes::Q4 { nibbles, scale_min },
-            dense,
+            codes: Codes::Q4 {
+                nibbles,
+                scales,
+                mins,
+            },
         })
     }
 
@@ -191,9 +177,34 @@ impl QuantMatrix {
         self.inputs
     }
 
-    /// The dequantized weights, `[outputs][inputs]`.
-    pub fn dense(&self) -> &[f32] {
-        &self.dense
+    /// The weights as f32 values, `[outputs][inputs]`: `code × scale` for Q8_0 (exact),
+    /// `code × scale + min` for Q4_1 (rounded once).
+    pub fn dequantize(&self) -> Vec<f32> {
+        match &self.codes {
+            Codes::Q8 { codes, scales } => codes
+                .iter()
+                .zip(scales)
+                .flat_map(|(codes, &scale)| codes.map(|code| f32::from(code) * scale))
+                .collect(),
+            Codes::Q4 {
+                nibbles,
+                scales,
+                mins,
+            } => nibbles
+                .iter()
+                .zip(scales.iter().zip(mins))
+                .flat_map(|(bytes, (&scale, &min))| {
+                    let code = |j: usize| {
+                        if j < Q8_BLOCK / 2 {
+                            bytes[j] & 0x0F
+                        } else {
+                            bytes[j - Q8_BLOCK / 2] >> 4
+                        }
+                    };
+                    (0..Q8_BLOCK).map(move |j| f32::from(code(j)).mul_add(scale, min))
+                })
+                .collect(),
+        }
     }
 
     /// `input [rows, inputs] · selfᵀ` → `[rows, outputs]`.
@@ -203,7 +214,8 @@ impl QuantMatrix {
         if rows == 0 || self.outputs == 0 {
             return output;
         }
-        let row_step = if rows >= DENSE_FROM_ROWS {
+        let x = QuantizedRows::quantize(input, self.inputs);
+        let row_step = if rows >= SPLIT_ROWS_FROM {
             ITEM_ROWS
         } else {
             rows
@@ -217,21 +229,15 @@ impl QuantMatrix {
             let (row_block, output_block) = (index / output_blocks, index % output_blocks);
             let first_row = row_block * row_step;
             let first_output = output_block * ITEM_OUTPUTS;
-            (
+            TileSpan {
                 first_row,
-                row_step.min(rows - first_row),
+                row_count: row_step.min(rows - first_row),
                 first_output,
-                ITEM_OUTPUTS.min(self.outputs - first_output),
-            )
+                output_count: ITEM_OUTPUTS.min(self.outputs - first_output),
+            }
         };
         let run = |index: usize| {
-            let (first_row, row_count, first_output, output_count) = span(index);
-            let x = &input[first_row * self.inputs..(first_row + row_count) * self.inputs];
-            let tile = if rows >= DENSE_FROM_ROWS {
-                self.dense_tile(x, row_count, first_output, output_count)
-            } else {
-                self.code_tile(x, row_count, first_output, output_count)
-            };
+            let tile = self.code_tile(&x, span(index));
             // Each index runs once, so the cell is always empty here.
             let _ = results[index].set(tile);
         };
@@ -248,111 +254,154 @@ impl QuantMatrix {
             let Some(tile) = cell.into_inner() else {
                 continue;
             };
-            let (first_row, _, first_output, output_count) = span(index);
-            for (offset, values) in tile.chunks_exact(output_count).enumerate() {
-                let row = first_row + offset;
-                let start = row * self.outputs + first_output;
-                output[start..start + output_count].copy_from_slice(values);
+            let span = span(index);
+            for (offset, values) in tile.chunks_exact(span.output_count).enumerate() {
+                let start = (span.first_row + offset) * self.outputs + span.first_output;
+                output[start..start + span.output_count].copy_from_slice(values);
             }
         }
         output
     }
 
-    /// `[row_count][output_count]` from the dense weights, in register tiles.
-    fn dense_tile(
-        &self,
-        x: &[f32],
-        row_count: usize,
-        first_output: usize,
-        output_count: usize,
-    ) -> Vec<f32> {
-        let k = self.inputs;
-        let mut tile = vec![0.0; row_count * output_count];
-        let weight = |o: usize| &self.dense[(first_output + o) * k..(first_output + o + 1) * k];
-        let mut r = 0;
-        while r < row_count {
-            let rs = TILE_ROWS.min(row_count - r);
-            let mut o = 0;
-            while o < output_count {
-                let os = TILE_OUTPUTS.min(output_count - o);
-                let xr = |i: usize| &x[(r + i.min(rs - 1)) * k..(r + i.min(rs - 1) + 1) * k];
-                // A short last tile repeats its last row and output; the extra sums are dropped.
-                let w: [&[f32]; TILE_OUTPUTS] = std::array::from_fn(|j| weight(o + j.min(os - 1)));
-                let x: [&[f32]; TILE_ROWS] = std::array::from_fn(xr);
-                let sums = dense_kernel::<TILE_ROWS, TILE_OUTPUTS>(x, w);
-                for (i, row_sums) in sums.iter().enumerate().take(rs) {
-                    for (j, &sum) in row_sums.iter().enumerate().take(os) {
-                        tile[(r + i) * output_count + o + j] = sum;
-                    }
-                }
-                o += os;
-            }
-            r += rs;
-        }
-        tile
-    }
-
-    /// `[row_count][output_count]` from the quantized codes, in register tiles of `C` outputs ×
-    /// up to `8 / C` rows: 1–3 rows take 4 outputs per tile, so a single decode row still runs
-    /// four independent accumulator chains; from 4 rows on, 4 rows × 2 outputs, so each
-    /// dequantized block serves four rows and each input vector loaded serves two outputs.
-    fn code_tile(
-        &self,
-        x: &[f32],
-        row_count: usize,
-        first_output: usize,
-        output_count: usize,
-    ) -> Vec<f32> {
-        let mut tile = vec![0.0; row_count * output_count];
-        let span = TileSpan {
-            x,
-            row_count,
-            first_output,
-            output_count,
-        };
-        match row_count {
-            1..=3 => self.code_outputs::<4>(span, &mut tile),
-            _ => self.code_outputs::<2>(span, &mut tile),
+    /// `[row_count][output_count]` of one work item, in register tiles of `C` outputs × up to
+    /// `8 / C` rows: 1–3 rows take 4 outputs per tile, so a single decode row still runs four
+    /// independent accumulator chains; from 4 rows on, 4 rows × 2 outputs, so each unpacked
+    /// weight block serves four rows and each activation block two outputs.
+    fn code_tile(&self, x: &QuantizedRows, span: TileSpan) -> Vec<f32> {
+        let mut tile = vec![0.0; span.row_count * span.output_count];
+        match span.row_count {
+            1..=3 => self.code_outputs::<4>(x, span, &mut tile),
+            _ => self.code_outputs::<2>(x, span, &mut tile),
         }
         tile
     }
 
     /// [`Self::code_tile`] with `C` outputs per register tile.
-    fn code_outputs<const C: usize>(&self, span: TileSpan<'_>, tile: &mut [f32]) {
-        let k = self.inputs;
-        let blocks = k / Q8_BLOCK;
+    fn code_outputs<const C: usize>(&self, x: &QuantizedRows, span: TileSpan, tile: &mut [f32]) {
+        let blocks = self.inputs / Q8_BLOCK;
         let mut o = 0;
         while o < span.output_count {
-            let os = C.min(span.output_count - o);
+            let count = C.min(span.output_count - o);
             // A short last group repeats its last output; the extra sums are dropped.
             let outputs: [usize; C] =
-                std::array::from_fn(|c| span.first_output + o + c.min(os - 1));
-            let group = OutputGroup {
-                first: o,
-                count: os,
-            };
+                std::array::from_fn(|c| span.first_output + o + c.min(count - 1));
+            let group = OutputGroup { first: o, count };
+            let rows = RowsOf { x, span, blocks };
             match &self.codes {
                 Codes::Q8 { codes, scales } => {
-                    let halves =
-                        outputs.map(|output| codes[output * k..(output + 1) * k].as_chunks().0);
+                    let codes =
+                        outputs.map(|output| &codes[output * blocks..(output + 1) * blocks]);
                     let scales =
                         outputs.map(|output| &scales[output * blocks..(output + 1) * blocks]);
-                    code_rows::<C, _>(span, group, tile, blocks, |c, block| {
-                        q8_weights(&halves[c][2 * block..2 * block + 2], scales[c][block])
+                    assert!(
+                        codes
+                            .iter()
+                            .zip(&scales)
+                            .all(|(c, s)| c.len() == blocks && s.len() == blocks)
+                    );
+                    code_rows::<C, _, _>(rows, group, tile, |c, block| {
+                        (Q8Block::new(&codes[c][block]), scales[c][block])
                     });
                 }
-                Codes::Q4 { nibbles, scale_min } => {
-                    let bytes = outputs
-                        .map(|output| nibbles[output * k / 2..(output + 1) * k / 2].as_chunks().0);
-                    let scale_min =
-                        outputs.map(|output| &scale_min[output * blocks..(output + 1) * blocks]);
-                    code_rows::<C, _>(span, group, tile, blocks, |c, block| {
-                        q4_weights(&bytes[c][block], scale_min[c][block])
+                Codes::Q4 {
+                    nibbles,
+                    scales,
+                    mins,
+                } => {
+                    let nibbles =
+                        outputs.map(|output| &nibbles[output * blocks..(output + 1) * blocks]);
+                    let scales =
+                        outputs.map(|output| &scales[output * blocks..(output + 1) * blocks]);
+                    assert!(
+                        nibbles
+                            .iter()
+                            .zip(&scales)
+                            .all(|(n, s)| n.len() == blocks && s.len() == blocks)
+                    );
+                    code_rows::<C, _, _>(rows, group, tile, |c, block| {
+                        (Q4Block::new(&nibbles[c][block]), scales[c][block])
                     });
+                    // The mins' share: Σ_b min_b × (sum of the row's block b).
+                    for (c, &output) in outputs.iter().enumerate().take(count) {
+                        let mins = &mins[output * blocks..(output + 1) * blocks];
+                        for r in 0..span.row_count {
+                            let sums = x.sums(span.first_row + r);
+                            tile[r * span.output_count + o + c] += block_dot(mins, sums);
+                        }
+                    }
                 }
             }
-            o += os;
+            o += count;
         }
+    }
+}
+
+/// `Σ a_b × b_b` in a fixed order: eight lanes over whole groups of eight, summed pairwise,
+/// then the remaining terms in sequence.
+fn block_dot(a: &[f32], b: &[f32]) -> f32 {
+    let (a_lanes, a_rest) = a.as_chunks::<LANES>();
+    let (b_lanes, b_rest) = b.as_chunks::<LANES>();
+    let lanes = a_lanes
+        .iter()
+        .zip(b_lanes)
+        .fold(f32x8::ZERO, |acc, (a, b)| {
+            f32x8::new(*a).mul_add(f32x8::new(*b), acc)
+        });
+    let l = lanes.to_array();
+    let grouped = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+    a_rest
+        .iter()
+        .zip(b_rest)
+        .fold(grouped, |acc, (a, b)| a.mul_add(*b, acc))
+}
+
+/// One weight block unpacked for the byte dot product.
+trait WeightBlock: Copy {
+    /// Lane `i`: the exact sum of weight code × activation code over inputs `4i..4i + 4`.
+    fn dot(self, activations: Bytes) -> wide::i32x8;
+}
+
+/// A Q4_1 block's 32 codes (0..=15), unsigned.
+#[derive(Clone, Copy)]
+struct Q4Block(Bytes);
+
+impl Q4Block {
+    #[inline(always)]
+    fn new(bytes: &[u8; Q8_BLOCK / 2]) -> Self {
+        Self(int8::unpack_nibbles(bytes))
+    }
+}
+
+impl WeightBlock for Q4Block {
+    #[inline(always)]
+    fn dot(self, activations: Bytes) -> wide::i32x8 {
+        int8::dot_u8_i8(self.0, activations)
+    }
+}
+
+/// A Q8_0 block's codes: their magnitudes (unsigned) and the codes themselves, whose signs
+/// move onto the activations.
+#[derive(Clone, Copy)]
+struct Q8Block {
+    magnitudes: Bytes,
+    codes: Bytes,
+}
+
+impl Q8Block {
+    #[inline(always)]
+    fn new(codes: &[i8; Q8_BLOCK]) -> Self {
+        let codes = int8::load(codes);
+        Self {
+            magnitudes: int8::abs(codes),
+            codes,
+        }
+    }
+}
+
+impl WeightBlock for Q8Block {
+    #[inline(always)]
+    fn dot(self, activations: Bytes) -> wide::i32x8 {
+        int8::dot_u8_i8(self.magnitudes, int8::apply_sign(activations, self.codes))
     }
 }
 
@@ -363,23 +412,38 @@ struct OutputGroup {
     count: usize,
 }
 
-/// Runs the code kernel over all rows of `span` for one group of `C` outputs whose block
-/// weights `weights(c, block)` gives, writing the group's columns of `tile`.
+/// The rows and outputs one work item computes.
+#[derive(Clone, Copy)]
+struct TileSpan {
+    first_row: usize,
+    row_count: usize,
+    first_output: usize,
+    output_count: usize,
+}
+
+/// The quantized activation rows of a work item.
+#[derive(Clone, Copy)]
+struct RowsOf<'a> {
+    x: &'a QuantizedRows,
+    span: TileSpan,
+    blocks: usize,
+}
+
+/// Runs the kernel over all rows of a work item for one group of `C` outputs whose blocks
+/// `weights(c, block)` gives, writing the group's columns of `tile`.
 #[inline(always)]
-fn code_rows<const C: usize, W: Fn(usize, usize) -> [f32x8; PARTS]>(
-    span: TileSpan<'_>,
+fn code_rows<const C: usize, B: WeightBlock, W: Fn(usize, usize) -> (B, f32)>(
+    rows: RowsOf<'_>,
     group: OutputGroup,
     tile: &mut [f32],
-    blocks: usize,
     weights: W,
 ) {
     let TileSpan {
-        x,
+        first_row,
         row_count,
         output_count,
         ..
-    } = span;
-    let k = blocks * Q8_BLOCK;
+    } = rows.span;
     let mut r = 0;
     while r < row_count {
         const {
@@ -388,37 +452,23 @@ fn code_rows<const C: usize, W: Fn(usize, usize) -> [f32x8; PARTS]>(
                 "the match below has arms for 1..=4 rows"
             )
         };
-        let rs = (CODE_TILE_ROWS / C).min(row_count - r);
+        let count = (CODE_TILE_ROWS / C).min(row_count - r);
         let mut put = |sums: &[[f32; C]]| {
             for (i, row_sums) in sums.iter().enumerate() {
                 let start = (r + i) * output_count + group.first;
                 tile[start..start + group.count].copy_from_slice(&row_sums[..group.count]);
             }
         };
-        match rs {
-            4 => put(&code_kernel::<4, C, W>(row_refs(x, k, r), blocks, &weights)),
-            3 => put(&code_kernel::<3, C, W>(row_refs(x, k, r), blocks, &weights)),
-            2 => put(&code_kernel::<2, C, W>(row_refs(x, k, r), blocks, &weights)),
-            _ => put(&code_kernel::<1, C, W>(row_refs(x, k, r), blocks, &weights)),
+        let first = first_row + r;
+        let (x, blocks) = (rows.x, rows.blocks);
+        match count {
+            4 => put(&code_kernel::<4, C, B, W>(x, first, blocks, &weights)),
+            3 => put(&code_kernel::<3, C, B, W>(x, first, blocks, &weights)),
+            2 => put(&code_kernel::<2, C, B, W>(x, first, blocks, &weights)),
+            _ => put(&code_kernel::<1, C, B, W>(x, first, blocks, &weights)),
         }
-        r += rs;
+        r += count;
     }
-}
-
-/// The rows and outputs one work item computes.
-#[derive(Clone, Copy)]
-struct TileSpan<'a> {
-    /// The item's input rows.
-    x: &'a [f32],
-    row_count: usize,
-    first_output: usize,
-    output_count: usize,
-}
-
-/// `R` consecutive `k`-wide rows of `x`, from row `first`.
-#[inline(always)]
-fn row_refs<const R: usize>(x: &[f32], k: usize, first: usize) -> [&[f32]; R] {
-    std::array::from_fn(|i| &x[(first + i) * k..(first + i + 1) * k])
 }
 
 /// The fixed final reduction of each accumulator's eight lanes `l`:
@@ -446,128 +496,38 @@ fn reduce_tile<const R: usize, const C: usize>(acc: [[f32x8; C]; R]) -> [[f32; C
     out
 }
 
+/// Dot products of rows `first..first + R` of `x` with `C` weight rows whose blocks
+/// `weights(c, block)` gives (block and its scale).
 #[inline(always)]
-fn load(chunk: &[f32; LANES]) -> f32x8 {
-    f32x8::new(*chunk)
-}
-
-/// Dot products of `R` input rows with `C` weight rows over the dense weights.
-#[inline(always)]
-fn dense_kernel<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) -> [[f32; C]; R] {
-    let x = x.map(|row| row.as_chunks::<LANES>().0);
-    let w = w.map(|row| row.as_chunks::<LANES>().0);
-    let steps = w[0].len();
-    assert!(x.iter().all(|row| row.len() == steps) && w.iter().all(|row| row.len() == steps));
-    let mut acc = [[f32x8::ZERO; C]; R];
-    for step in 0..steps {
-        let wv: [f32x8; C] = std::array::from_fn(|c| load(&w[c][step]));
-        for (acc_row, x_row) in acc.iter_mut().zip(&x) {
-            let xv = load(&x_row[step]);
-            for (acc_out, wv) in acc_row.iter_mut().zip(&wv) {
-                *acc_out = xv.mul_add(*wv, *acc_out);
-            }
-        }
-    }
-    reduce_tile(acc)
-}
-
-/// Dot products of `R` input rows with `C` weight rows whose block weights `weights(c, block)`
-/// gives.
-#[inline(always)]
-fn code_kernel<const R: usize, const C: usize, W: Fn(usize, usize) -> [f32x8; PARTS]>(
-    x: [&[f32]; R],
+fn code_kernel<const R: usize, const C: usize, B: WeightBlock, W: Fn(usize, usize) -> (B, f32)>(
+    x: &QuantizedRows,
+    first: usize,
     blocks: usize,
     weights: &W,
 ) -> [[f32; C]; R] {
-    let x = x.map(|row| row.as_chunks::<LANES>().0);
-    assert!(x.iter().all(|row| row.len() == blocks * PARTS));
+    let rows: [(&[[i8; Q8_BLOCK]], &[f32]); R] = std::array::from_fn(|r| x.row(first + r));
+    assert!(
+        rows.iter()
+            .all(|(codes, scales)| codes.len() == blocks && scales.len() == blocks)
+    );
     let mut acc = [[f32x8::ZERO; C]; R];
     for block in 0..blocks {
-        let block_weights: [[f32x8; PARTS]; C] = std::array::from_fn(|c| weights(c, block));
-        for part in 0..PARTS {
-            let step = block * PARTS + part;
-            for (acc_row, x_row) in acc.iter_mut().zip(&x) {
-                let xv = load(&x_row[step]);
-                for (acc_out, weights) in acc_row.iter_mut().zip(&block_weights) {
-                    *acc_out = xv.mul_add(weights[part], *acc_out);
-                }
+        let weight_blocks: [(B, f32); C] = std::array::from_fn(|c| weights(c, block));
+        let weight_scales = weight_blocks.map(|(_, scale)| f32x8::splat(scale));
+        for (acc_row, (codes, scales)) in acc.iter_mut().zip(&rows) {
+            let activations = int8::load(&codes[block]);
+            let row_scale = f32x8::splat(scales[block]);
+            for ((acc_out, (weight, _)), weight_scale) in
+                acc_row.iter_mut().zip(&weight_blocks).zip(&weight_scales)
+            {
+                // The same product in every lane as `weight scale × row scale` in f32.
+                let scale = *weight_scale * row_scale;
+                let sum = f32x8::from_i32x8(weight.dot(activations));
+                *acc_out = sum.mul_add(scale, *acc_out);
             }
         }
     }
     reduce_tile(acc)
-}
-
-/// The 32 weights of one Q4_1 block as four f32 vectors, each `fma(code, scale, min)`.
-/// Bytes `0..8` hold inputs 0..8 (low nibbles, part 0) and 16..24 (high nibbles, part 2); bytes
-/// `8..16` hold parts 1 and 3: each half is zero-extended to eight lanes once and split.
-#[inline(always)]
-fn q4_weights(bytes: &[i8; Q8_BLOCK / 2], [scale, min]: [half::f16; 2]) -> [f32x8; PARTS] {
-    let (scale, min) = (f32x8::splat(scale.to_f32()), f32x8::splat(min.to_f32()));
-    let mask = i32x8::splat(0x0F);
-    let mut weights = [f32x8::ZERO; PARTS];
-    for (half, lanes) in q4_byte_lanes(bytes).into_iter().enumerate() {
-        weights[half] = f32x8::from_i32x8(lanes & mask).mul_add(scale, min);
-        weights[2 + half] = f32x8::from_i32x8(lanes >> 4).mul_add(scale, min);
-    }
-    weights
-}
-
-/// Bytes `0..8` and `8..16` of a Q4_1 block, each zero-extended to eight 32-bit lanes (two
-/// `vpmovzxbd`).
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-#[inline(always)]
-fn q4_byte_lanes(bytes: &[i8; Q8_BLOCK / 2]) -> [i32x8; 2] {
-    // safe_arch's name for `_mm256_cvtepu8_epi32` says i16, but it widens to 32 bits.
-    use safe_arch::{
-        byte_shr_imm_u128_m128i, convert_to_i16_m256i_from_lower8_u8_m128i as widen_8_bytes, m128i,
-    };
-    let all = m128i::from(*bytes);
-    [all, byte_shr_imm_u128_m128i::<8>(all)].map(|half| i32x8::new(widen_8_bytes(half).into()))
-}
-
-/// Bytes `0..8` and `8..16` of a Q4_1 block, each zero-extended to eight 32-bit lanes.
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
-#[inline(always)]
-fn q4_byte_lanes(bytes: &[i8; Q8_BLOCK / 2]) -> [i32x8; 2] {
-    std::array::from_fn(|half| {
-        i32x8::new(std::array::from_fn(|j| {
-            i32::from(bytes[half * LANES + j] as u8)
-        }))
-    })
-}
-
-/// The 32 weights of one Q8_0 block (two halves of 16 codes) as four f32 vectors.
-#[inline(always)]
-fn q8_weights(halves: &[[i8; Q8_BLOCK / 2]], scale: f32) -> [f32x8; PARTS] {
-    let scale = f32x8::splat(scale);
-    let mut weights = [f32x8::ZERO; PARTS];
-    for (half, codes) in halves.iter().enumerate() {
-        for (part, lanes) in q8_code_lanes(codes).into_iter().enumerate() {
-            weights[2 * half + part] = f32x8::from_i32x8(lanes) * scale;
-        }
-    }
-    weights
-}
-
-/// Codes `0..8` and `8..16` of sixteen, each sign-extended to eight 32-bit lanes (two
-/// `vpmovsxbd`).
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-#[inline(always)]
-fn q8_code_lanes(codes: &[i8; Q8_BLOCK / 2]) -> [i32x8; 2] {
-    use safe_arch::{
-        byte_shr_imm_u128_m128i, convert_to_i32_m256i_from_lower8_i8_m128i as widen_8_codes, m128i,
-    };
-    let all = m128i::from(*codes);
-    [all, byte_shr_imm_u128_m128i::<8>(all)].map(|half| i32x8::new(widen_8_codes(half).into()))
-}
-
-/// Codes `0..8` and `8..16` of sixteen, each sign-extended to eight 32-bit lanes.
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
-#[inline(always)]
-fn q8_code_lanes(codes: &[i8; Q8_BLOCK / 2]) -> [i32x8; 2] {
-    std::array::from_fn(|half| {
-        i32x8::new(std::array::from_fn(|j| i32::from(codes[half * LANES + j])))
-    })
 }
 
 #[cfg(test)]

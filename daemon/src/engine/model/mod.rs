@@ -7,6 +7,7 @@ pub mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod int8;
 pub mod llama;
 pub mod matmul;
 pub mod ops;
