@@ -2,27 +2,37 @@
 //! of 32 ([`QuantizedRows`], as llama.cpp and candle round them before a quantized dot
 //! product), and the 32-byte vector operations of the dot product itself ([`Bytes`]).
 //!
-//! A block's dot product is exact integer arithmetic: lane `i` of [`dot_u8_i8`] is the sum of
-//! the products of bytes `4i..4i + 4`, whatever computes it. On x86-64 with AVX2 (the
-//! workspace's baseline) that is `vpmaddubsw` then `vpmaddwd` (through `safe_arch`); elsewhere a
-//! portable loop gives the same lanes, so the float arithmetic around it sees the same values
-//! on every platform.
+//! Blocks go in pairs, laid out as GGUF's Q4_1 nibbles are: the *low* vector of a pair holds
+//! inputs 0..16 of its first block then inputs 0..16 of its second, the *high* vector inputs
+//! 16..32 of each. One 32-byte load of two Q4_1 blocks' nibbles then unpacks with a shift and a
+//! mask into exactly those two vectors, and one dot product ([`dot_q4_pair`]) covers 64 inputs:
+//! lanes 0..4 hold the first block's sums, lanes 4..8 the second's, each lane `i % 4` the exact
+//! integer sum over inputs `4(i % 4)..4(i % 4) + 4` and `16 + 4(i % 4)..16 + 4(i % 4) + 4`,
+//! whatever computes it. On x86-64 with AVX2 (the workspace's baseline) that is `vpmaddubsw`,
+//! `vpaddw` and `vpmaddwd` (through `safe_arch`); elsewhere a portable loop gives the same
+//! lanes, so the float arithmetic around it sees the same values on every platform.
 
 use wide::{f32x8, i32x8};
 
 /// Values per quantization block (GGUF's Q8_0 and Q4_1 blocks, and the activation blocks).
 pub const BLOCK: usize = 32;
 
+/// The codes of a pair of blocks: the low vector (inputs 0..16 of each block) and the high one
+/// (inputs 16..32 of each).
+pub type CodePair = [[i8; BLOCK]; 2];
+
 /// Activation rows `[rows][width]` as 8-bit codes per block of 32: value ≈ code × scale, with
 /// `scale = max |x| / 127` of the block. As in ggml's (llama.cpp's, candle's) Q8_0 and Q8_1
 /// quantization, the codes are `round(x / scale)` (ties away from zero) with the f32 scale, and
-/// the scale is then kept as an f16 value.
+/// the scale is then kept as an f16 value. An odd last block is paired with a block of zeros.
 #[derive(Debug)]
 pub struct QuantizedRows {
     blocks: usize,
-    codes: Vec<[i8; BLOCK]>,
-    /// `[rows][blocks]`: each block's scale.
-    scales: Vec<f32>,
+    pairs: usize,
+    /// `[rows][pairs]`.
+    codes: Vec<CodePair>,
+    /// `[rows][pairs]`: the first block's scale in lanes 0..4, the second's in lanes 4..8.
+    scales: Vec<[f32; 8]>,
     /// `[rows][blocks]`: each block's `scale × Σ codes`, the sum of the values it stands for.
     sums: Vec<f32>,
 }
@@ -31,14 +41,18 @@ impl QuantizedRows {
     /// Rounds `input` (rows of `width` values, `width` a multiple of [`BLOCK`]) to codes.
     pub fn quantize(input: &[f32], width: usize) -> Self {
         debug_assert!(width.is_multiple_of(BLOCK) && input.len().is_multiple_of(width.max(1)));
-        let count = input.len() / BLOCK;
-        let mut codes = Vec::with_capacity(count);
-        let mut scales = Vec::with_capacity(count);
-        let mut sums = Vec::with_capacity(count);
+        let blocks = width / BLOCK;
+        let pairs = blocks.div_ceil(2);
+        let rows = input.len().checked_div(width).unwrap_or(0);
+        let mut codes = vec![[[0; BLOCK]; 2]; rows * pairs];
+        let mut scales = vec![[0.0; 8]; rows * pairs];
+        let mut sums = Vec::with_capacity(rows * blocks);
         // round(r) with ties away from zero, as trunc(r + copysign(0.5⁻, r)) (LLVM's own lowering
         // of `f32::round`, here on eight lanes).
         let (sign, below_half) = (f32x8::splat(-0.0), f32x8::splat(0.499_999_97));
-        for block in input.as_chunks::<BLOCK>().0 {
+        for (index, block) in input.as_chunks::<BLOCK>().0.iter().enumerate() {
+            let (row, block_in_row) = (index / blocks, index % blocks);
+            let (pair, half) = (row * pairs + block_in_row / 2, block_in_row % 2);
             let parts: [f32x8; BLOCK / 8] = std::array::from_fn(|part| {
                 f32x8::new(std::array::from_fn(|lane| block[part * 8 + lane]))
             });
@@ -50,41 +64,35 @@ impl QuantizedRows {
                 .fold(0.0f32, f32::max);
             let scale = max / 127.0;
             let inverse = f32x8::splat(if scale != 0.0 { 1.0 / scale } else { 0.0 });
-            let mut block_codes = [0i8; BLOCK];
             let mut total = i32x8::ZERO;
-            for (part, chunk) in parts.iter().zip(block_codes.chunks_exact_mut(8)) {
-                let ratio = *part * inverse;
+            for (part, ratio) in parts.iter().map(|part| *part * inverse).enumerate() {
                 // In -127..=127 for finite input (NaN gives 0).
                 let rounded = (ratio + (below_half | (ratio & sign))).trunc_int();
                 total += rounded;
-                for (code, value) in chunk.iter_mut().zip(rounded.to_array()) {
+                // Parts 0 and 1 are inputs 0..16 (the low vector), parts 2 and 3 the high one.
+                let start = half * 16 + (part % 2) * 8;
+                let target = &mut codes[pair][part / 2][start..start + 8];
+                for (code, value) in target.iter_mut().zip(rounded.to_array()) {
                     *code = value as i8;
                 }
             }
             let scale = half::f16::from_f32(scale).to_f32();
-            codes.push(block_codes);
-            scales.push(scale);
+            scales[pair][half * 4..half * 4 + 4].fill(scale);
             sums.push(scale * total.to_array().into_iter().sum::<i32>() as f32);
         }
         Self {
-            blocks: width / BLOCK,
+            blocks,
+            pairs,
             codes,
             scales,
             sums,
         }
     }
 
-    /// Block `block` of row `row`: its codes and scale.
+    /// Row `row`: its block pairs' codes and scales.
     #[inline(always)]
-    pub fn block(&self, row: usize, block: usize) -> (&[i8; BLOCK], f32) {
-        let index = row * self.blocks + block;
-        (&self.codes[index], self.scales[index])
-    }
-
-    /// Row `row`: its blocks' codes and scales.
-    #[inline(always)]
-    pub fn row(&self, row: usize) -> (&[[i8; BLOCK]], &[f32]) {
-        let range = row * self.blocks..(row + 1) * self.blocks;
+    pub fn row(&self, row: usize) -> (&[CodePair], &[[f32; 8]]) {
+        let range = row * self.pairs..(row + 1) * self.pairs;
         (&self.codes[range.clone()], &self.scales[range])
     }
 
@@ -94,7 +102,15 @@ impl QuantizedRows {
         &self.sums[row * self.blocks..(row + 1) * self.blocks]
     }
 
-    /// The value block `block` of row `row` stands for, `code × scale` (tests).
+    /// Block `block` of row `row`: its codes in input order and its scale.
+    pub fn block(&self, row: usize, block: usize) -> ([i8; BLOCK], f32) {
+        let (codes, scales) = self.row(row);
+        let (pair, half) = (block / 2, block % 2);
+        let codes = std::array::from_fn(|j| codes[pair][j / 16][half * 16 + j % 16]);
+        (codes, scales[pair][half * 4])
+    }
+
+    /// The value input `index` of row `row` stands for, `code × scale` (tests).
     #[cfg(test)]
     pub fn value(&self, row: usize, index: usize) -> f32 {
         let (codes, scale) = self.block(row, index / BLOCK);
@@ -105,9 +121,9 @@ impl QuantizedRows {
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
 mod lanes {
     use safe_arch::{
-        abs_i8_m256i, bitand_m256i, m128i, m256i, mul_i16_horizontal_add_m256i,
-        mul_u8i8_add_horizontal_saturating_m256i, set_m128i_m256i, set_splat_i8_m256i,
-        set_splat_i16_m256i, shr_imm_u16_m128i, sign_apply_i8_m256i,
+        abs_i8_m256i, add_i16_m256i, bitand_m256i, m256i, mul_i16_horizontal_add_m256i,
+        mul_u8i8_add_horizontal_saturating_m256i, set_splat_i8_m256i, set_splat_i16_m256i,
+        shr_imm_u16_m256i, sign_apply_i8_m256i,
     };
     use wide::i32x8;
 
@@ -122,13 +138,16 @@ mod lanes {
         m256i::from(*codes)
     }
 
-    /// The 32 codes of a GGUF Q4_1 block's 16 bytes: low nibbles are codes 0..16, high
-    /// nibbles codes 16..32.
+    /// Two GGUF Q4_1 blocks' 32 nibble bytes as the low vector (low nibbles: codes 0..16 of
+    /// each block) and the high one (high nibbles: codes 16..32).
     #[inline(always)]
-    pub fn unpack_nibbles(bytes: &[u8; BLOCK / 2]) -> Bytes {
-        let all = m128i::from(*bytes);
-        let both = set_m128i_m256i(shr_imm_u16_m128i::<4>(all), all);
-        bitand_m256i(both, set_splat_i8_m256i(0x0F))
+    pub fn unpack_nibble_pair(bytes: &[u8; BLOCK]) -> [Bytes; 2] {
+        let all = m256i::from(*bytes);
+        let mask = set_splat_i8_m256i(0x0F);
+        [
+            bitand_m256i(all, mask),
+            bitand_m256i(shr_imm_u16_m256i::<4>(all), mask),
+        ]
     }
 
     /// `|x|` per byte, as unsigned bytes (−128 becomes 128).
@@ -151,6 +170,16 @@ mod lanes {
         let quads = mul_i16_horizontal_add_m256i(pairs, set_splat_i16_m256i(1));
         i32x8::new(<[i32; 8]>::from(quads))
     }
+
+    /// [`dot_u8_i8`] of the low vectors plus that of the high vectors, for unsigned codes of at
+    /// most 15: the pair sums (≤ 2 × 15 × 127 each) are added as `i16` before widening.
+    #[inline(always)]
+    pub fn dot_q4_pair(weights: [Bytes; 2], activations: [Bytes; 2]) -> i32x8 {
+        let low = mul_u8i8_add_horizontal_saturating_m256i(weights[0], activations[0]);
+        let high = mul_u8i8_add_horizontal_saturating_m256i(weights[1], activations[1]);
+        let quads = mul_i16_horizontal_add_m256i(add_i16_m256i(low, high), set_splat_i16_m256i(1));
+        i32x8::new(<[i32; 8]>::from(quads))
+    }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
@@ -168,17 +197,11 @@ mod lanes {
         codes.map(|code| code as u8)
     }
 
-    /// The 32 codes of a GGUF Q4_1 block's 16 bytes: low nibbles are codes 0..16, high
-    /// nibbles codes 16..32.
+    /// Two GGUF Q4_1 blocks' 32 nibble bytes as the low vector (low nibbles: codes 0..16 of
+    /// each block) and the high one (high nibbles: codes 16..32).
     #[inline(always)]
-    pub fn unpack_nibbles(bytes: &[u8; BLOCK / 2]) -> Bytes {
-        std::array::from_fn(|j| {
-            if j < BLOCK / 2 {
-                bytes[j] & 0x0F
-            } else {
-                bytes[j - BLOCK / 2] >> 4
-            }
-        })
+    pub fn unpack_nibble_pair(bytes: &[u8; BLOCK]) -> [Bytes; 2] {
+        [bytes.map(|byte| byte & 0x0F), bytes.map(|byte| byte >> 4)]
     }
 
     /// `|x|` per byte, as unsigned bytes (−128 becomes 128).
@@ -206,9 +229,15 @@ mod lanes {
                 .sum()
         }))
     }
+
+    /// [`dot_u8_i8`] of the low vectors plus that of the high vectors.
+    #[inline(always)]
+    pub fn dot_q4_pair(weights: [Bytes; 2], activations: [Bytes; 2]) -> i32x8 {
+        dot_u8_i8(weights[0], activations[0]) + dot_u8_i8(weights[1], activations[1])
+    }
 }
 
-pub use lanes::{Bytes, abs, apply_sign, dot_u8_i8, load, unpack_nibbles};
+pub use lanes::{Bytes, abs, apply_sign, dot_q4_pair, dot_u8_i8, load, unpack_nibble_pair};
 
 #[cfg(test)]
 mod tests {
@@ -252,7 +281,7 @@ mod tests {
     #[test]
     fn a_zero_block_has_zero_codes_and_scale() {
         let rows = QuantizedRows::quantize(&[0.0; 32], 32);
-        assert_eq!(rows.block(0, 0), (&[0; 32], 0.0));
+        assert_eq!(rows.block(0, 0), ([0; 32], 0.0));
         assert_eq!(rows.sums(0), [0.0]);
     }
 
@@ -271,13 +300,43 @@ mod tests {
     }
 
     #[test]
-    fn nibbles_unpack_low_then_high() {
-        let bytes: [u8; 16] = std::array::from_fn(|j| j as u8 | ((15 - j as u8) << 4));
-        let ones = load(&[1; 32]);
-        // With every activation 1, lane i sums codes 4i..4i + 4.
-        let got = dot_u8_i8(unpack_nibbles(&bytes), ones).to_array();
-        let codes: Vec<i32> = (0..16).chain((0..16).map(|j| 15 - j)).collect();
-        let expected: Vec<i32> = codes.chunks(4).map(|quad| quad.iter().sum()).collect();
-        assert_eq!(got.to_vec(), expected);
+    fn a_nibble_pair_unpacks_low_then_high_and_sums_per_block() {
+        // Block 0: byte j = code j | code 16 + j; block 1 likewise with other codes.
+        let code = |block: usize, j: usize| ((j * 7 + block * 3) % 16) as u8;
+        let bytes: [u8; 32] =
+            std::array::from_fn(|k| code(k / 16, k % 16) | (code(k / 16, 16 + k % 16) << 4));
+        // Activation j of block b is b * 32 + j − 30, laid out as the pair's low and high vectors.
+        let activation = |block: usize, j: usize| (block * 32 + j) as i8 - 30;
+        let low: [i8; 32] = std::array::from_fn(|k| activation(k / 16, k % 16));
+        let high: [i8; 32] = std::array::from_fn(|k| activation(k / 16, 16 + k % 16));
+        let got = dot_q4_pair(unpack_nibble_pair(&bytes), [load(&low), load(&high)]);
+        let expected: [i32; 8] = std::array::from_fn(|lane| {
+            let (block, quad) = (lane / 4, lane % 4);
+            (4 * quad..4 * quad + 4)
+                .flat_map(|j| [j, 16 + j])
+                .map(|j| i32::from(code(block, j)) * i32::from(activation(block, j)))
+                .sum()
+        });
+        assert_eq!(got.to_array(), expected);
+    }
+
+    #[test]
+    fn rows_pair_their_blocks_and_pad_an_odd_one() {
+        let input: Vec<f32> = (0..2 * 96).map(|i| (i as f32 * 0.37).sin()).collect();
+        let rows = QuantizedRows::quantize(&input, 96);
+        for row in 0..2 {
+            let (codes, scales) = rows.row(row);
+            assert_eq!((codes.len(), scales.len()), (2, 2));
+            for block in 0..3 {
+                let (block_codes, scale) = rows.block(row, block);
+                let (pair, half) = (block / 2, block % 2);
+                assert_eq!(scales[pair][half * 4..half * 4 + 4], [scale; 4]);
+                assert_eq!(codes[pair][0][half * 16..half * 16 + 16], block_codes[..16]);
+                assert_eq!(codes[pair][1][half * 16..half * 16 + 16], block_codes[16..]);
+            }
+            // The odd third block's partner is zeros.
+            assert_eq!(codes[1][0][16..], [0; 16]);
+            assert_eq!(scales[1][4..], [0.0; 4]);
+        }
     }
 }

@@ -4,12 +4,17 @@
 //! 8-bit codes per block of 32 ([`QuantizedRows`]), and each block's dot product is an exact
 //! integer sum of byte products (`vpmaddubsw`/`vpmaddwd` on AVX2) scaled once in f32.
 //!
+//! Blocks go in pairs (see [`int8`]): the weights are laid out at load time so that one
+//! 32-byte vector holds two blocks' inputs 0..16 and another their inputs 16..32 (for Q4_1 that
+//! is GGUF's own nibble layout, two blocks' bytes side by side), and the activations alike.
+//!
 //! One kernel serves every batch shape, in register tiles of 8 accumulators (1–3 rows × 4
 //! outputs, so a single decode row still runs four independent chains; from 4 rows on, 4 rows ×
-//! 2 outputs, so each unpacked weight block serves four rows and each activation block two
+//! 2 outputs, so each unpacked weight pair serves four rows and each activation pair two
 //! outputs). For output `o` and row `r`, the result is fixed by the arithmetic alone:
-//! - per block `b`, in increasing `b`: `acc = fma(f32(isum_b), scale_o,b × scale_r,b, acc)` on
-//!   eight lanes, lane `i` holding the exact integer sum of inputs `4i..4i + 4` of the block;
+//! - per block pair `p`, in increasing `p`: `acc = fma(f32(isum_p), scale_o × scale_r, acc)`
+//!   on eight lanes, lanes 0..4 holding exact integer sums of block `2p` (and its scales),
+//!   lanes 4..8 of block `2p + 1` (an odd last block pairs with zeros);
 //! - then a fixed pairwise sum of the lanes;
 //! - for Q4_1, plus `Σ_b min_o,b × sum_r,b` (the block min times the block's activation sum)
 //!   in a fixed order.
@@ -24,7 +29,7 @@ use std::sync::OnceLock;
 
 use wide::f32x8;
 
-use crate::engine::model::int8::{self, BLOCK, Bytes, QuantizedRows};
+use crate::engine::model::int8::{self, BLOCK, Bytes, CodePair, QuantizedRows};
 
 /// Inputs per quantization block.
 pub const Q8_BLOCK: usize = BLOCK;
@@ -63,19 +68,21 @@ pub enum BuildQuantMatrixError {
     },
 }
 
-/// The quantized weights, block by block (32 inputs of one output), `[outputs][blocks]`.
+/// The quantized weights by pairs of blocks (see the module doc), `[outputs][pairs]`, with
+/// scales `[outputs][2 × pairs]` (zero for the padding block of an odd count).
 #[derive(Debug)]
 enum Codes {
-    /// Q8_0: signed codes and scales (f16 values widened to f32); weight = code × scale.
+    /// Q8_0: signed codes (low and high vectors) and scales (f16 values widened to f32);
+    /// weight = code × scale.
     Q8 {
-        codes: Vec<[i8; Q8_BLOCK]>,
+        codes: Vec<CodePair>,
         scales: Vec<f32>,
     },
-    /// Q4_1 as stored in GGUF: 16 bytes whose low nibbles are inputs 0..16 of the block and
-    /// high nibbles inputs 16..32, scales and mins (f16 values widened to f32);
-    /// weight = code × scale + min.
+    /// Q4_1: two GGUF blocks' nibble bytes side by side (low nibbles are inputs 0..16 of a
+    /// block, high nibbles inputs 16..32), scales, and mins `[outputs][blocks]` (f16 values
+    /// widened to f32); weight = code × scale + min.
     Q4 {
-        nibbles: Vec<[u8; Q8_BLOCK / 2]>,
+        nibbles: Vec<[u8; Q8_BLOCK]>,
         scales: Vec<f32>,
         mins: Vec<f32>,
     },
@@ -116,6 +123,16 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 }
 
 impl QuantMatrix {
+    /// Blocks per output.
+    fn blocks(&self) -> usize {
+        self.inputs / Q8_BLOCK
+    }
+
+    /// Block pairs per output.
+    fn pairs(&self) -> usize {
+        self.blocks().div_ceil(2)
+    }
+
     /// Builds the matrix from GGUF Q8_0 blocks (`f16` scale, little-endian, then 32 `i8`).
     pub fn from_q8_0_bytes(
         bytes: &[u8],
@@ -124,13 +141,19 @@ impl QuantMatrix {
     ) -> Result<Self, BuildQuantMatrixError> {
         const BLOCK_BYTES: usize = 2 + Q8_BLOCK;
         check_size("Q8_0", BLOCK_BYTES, bytes, outputs, inputs)?;
-        let (codes, scales) = bytes
-            .chunks_exact(BLOCK_BYTES)
-            .map(|block| {
-                let codes: [i8; Q8_BLOCK] = std::array::from_fn(|j| block[2 + j] as i8);
-                (codes, f16_at(block, 0))
-            })
-            .unzip();
+        let blocks = inputs / Q8_BLOCK;
+        let pairs = blocks.div_ceil(2);
+        let mut codes = vec![[[0; Q8_BLOCK]; 2]; outputs * pairs];
+        let mut scales = vec![0.0; outputs * 2 * pairs];
+        for (index, block) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
+            let (output, block_in_row) = (index / blocks, index % blocks);
+            let half = block_in_row % 2;
+            scales[output * 2 * pairs + block_in_row] = f16_at(block, 0);
+            let pair = &mut codes[output * pairs + block_in_row / 2];
+            for (j, &byte) in block[2..].iter().enumerate() {
+                pair[j / 16][half * 16 + j % 16] = byte as i8;
+            }
+        }
         Ok(Self {
             outputs,
             inputs,
@@ -147,14 +170,18 @@ impl QuantMatrix {
     ) -> Result<Self, BuildQuantMatrixError> {
         const BLOCK_BYTES: usize = 4 + Q8_BLOCK / 2;
         check_size("Q4_1", BLOCK_BYTES, bytes, outputs, inputs)?;
-        let count = outputs * inputs / Q8_BLOCK;
-        let mut nibbles = Vec::with_capacity(count);
-        let mut scales = Vec::with_capacity(count);
-        let mut mins = Vec::with_capacity(count);
-        for block in bytes.chunks_exact(BLOCK_BYTES) {
-            scales.push(f16_at(block, 0));
+        let blocks = inputs / Q8_BLOCK;
+        let pairs = blocks.div_ceil(2);
+        let mut nibbles = vec![[0; Q8_BLOCK]; outputs * pairs];
+        let mut scales = vec![0.0; outputs * 2 * pairs];
+        let mut mins = Vec::with_capacity(outputs * blocks);
+        for (index, block) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
+            let (output, block_in_row) = (index / blocks, index % blocks);
+            let half = block_in_row % 2;
+            scales[output * 2 * pairs + block_in_row] = f16_at(block, 0);
             mins.push(f16_at(block, 2));
-            nibbles.push(std::array::from_fn(|j| block[4 + j]));
+            nibbles[output * pairs + block_in_row / 2][half * 16..half * 16 + 16]
+                .copy_from_slice(&block[4..]);
         }
         Ok(Self {
             outputs,
@@ -180,31 +207,32 @@ impl QuantMatrix {
     /// The weights as f32 values, `[outputs][inputs]`: `code × scale` for Q8_0 (exact),
     /// `code × scale + min` for Q4_1 (rounded once).
     pub fn dequantize(&self) -> Vec<f32> {
-        match &self.codes {
-            Codes::Q8 { codes, scales } => codes
-                .iter()
-                .zip(scales)
-                .flat_map(|(codes, &scale)| codes.map(|code| f32::from(code) * scale))
-                .collect(),
-            Codes::Q4 {
-                nibbles,
-                scales,
-                mins,
-            } => nibbles
-                .iter()
-                .zip(scales.iter().zip(mins))
-                .flat_map(|(bytes, (&scale, &min))| {
-                    let code = |j: usize| {
-                        if j < Q8_BLOCK / 2 {
-                            bytes[j] & 0x0F
-                        } else {
-                            bytes[j - Q8_BLOCK / 2] >> 4
+        let (blocks, pairs) = (self.blocks(), self.pairs());
+        let mut weights = Vec::with_capacity(self.outputs * self.inputs);
+        for output in 0..self.outputs {
+            for block in 0..blocks {
+                let (pair, half) = (output * pairs + block / 2, block % 2);
+                let scale_at = output * 2 * pairs + block;
+                for j in 0..Q8_BLOCK {
+                    let at = half * 16 + j % 16;
+                    weights.push(match &self.codes {
+                        Codes::Q8 { codes, scales } => {
+                            f32::from(codes[pair][j / 16][at]) * scales[scale_at]
                         }
-                    };
-                    (0..Q8_BLOCK).map(move |j| f32::from(code(j)).mul_add(scale, min))
-                })
-                .collect(),
+                        Codes::Q4 {
+                            nibbles,
+                            scales,
+                            mins,
+                        } => {
+                            let byte = nibbles[pair][at];
+                            let code = if j < 16 { byte & 0x0F } else { byte >> 4 };
+                            f32::from(code).mul_add(scales[scale_at], mins[output * blocks + block])
+                        }
+                    });
+                }
+            }
         }
+        weights
     }
 
     /// `input [rows, inputs] · selfᵀ` → `[rows, outputs]`.
@@ -278,7 +306,7 @@ impl QuantMatrix {
 
     /// [`Self::code_tile`] with `C` outputs per register tile.
     fn code_outputs<const C: usize>(&self, x: &QuantizedRows, span: TileSpan, tile: &mut [f32]) {
-        let blocks = self.inputs / Q8_BLOCK;
+        let (blocks, pairs) = (self.blocks(), self.pairs());
         let mut o = 0;
         while o < span.output_count {
             let count = C.min(span.output_count - o);
@@ -286,21 +314,20 @@ impl QuantMatrix {
             let outputs: [usize; C] =
                 std::array::from_fn(|c| span.first_output + o + c.min(count - 1));
             let group = OutputGroup { first: o, count };
-            let rows = RowsOf { x, span, blocks };
+            let rows = RowsOf { x, span, pairs };
+            let pair_scales = |scales: &[f32], output: usize, pair: usize| {
+                let at = output * 2 * pairs + 2 * pair;
+                let (first, second) = (scales[at], scales[at + 1]);
+                f32x8::new([first, first, first, first, second, second, second, second])
+            };
             match &self.codes {
                 Codes::Q8 { codes, scales } => {
-                    let codes =
-                        outputs.map(|output| &codes[output * blocks..(output + 1) * blocks]);
-                    let scales =
-                        outputs.map(|output| &scales[output * blocks..(output + 1) * blocks]);
-                    assert!(
-                        codes
-                            .iter()
-                            .zip(&scales)
-                            .all(|(c, s)| c.len() == blocks && s.len() == blocks)
-                    );
-                    code_rows::<C, _, _>(rows, group, tile, |c, block| {
-                        (Q8Block::new(&codes[c][block]), scales[c][block])
+                    let codes = outputs.map(|output| &codes[output * pairs..(output + 1) * pairs]);
+                    code_rows::<C, _, _>(rows, group, tile, |c, pair| {
+                        (
+                            Q8Pair::new(&codes[c][pair]),
+                            pair_scales(scales, outputs[c], pair),
+                        )
                     });
                 }
                 Codes::Q4 {
@@ -309,17 +336,12 @@ impl QuantMatrix {
                     mins,
                 } => {
                     let nibbles =
-                        outputs.map(|output| &nibbles[output * blocks..(output + 1) * blocks]);
-                    let scales =
-                        outputs.map(|output| &scales[output * blocks..(output + 1) * blocks]);
-                    assert!(
-                        nibbles
-                            .iter()
-                            .zip(&scales)
-                            .all(|(n, s)| n.len() == blocks && s.len() == blocks)
-                    );
-                    code_rows::<C, _, _>(rows, group, tile, |c, block| {
-                        (Q4Block::new(&nibbles[c][block]), scales[c][block])
+                        outputs.map(|output| &nibbles[output * pairs..(output + 1) * pairs]);
+                    code_rows::<C, _, _>(rows, group, tile, |c, pair| {
+                        (
+                            Q4Pair::new(&nibbles[c][pair]),
+                            pair_scales(scales, outputs[c], pair),
+                        )
                     });
                     // The mins' share: Σ_b min_b × (sum of the row's block b).
                     for (c, &output) in outputs.iter().enumerate().take(count) {
@@ -355,53 +377,59 @@ fn block_dot(a: &[f32], b: &[f32]) -> f32 {
         .fold(grouped, |acc, (a, b)| a.mul_add(*b, acc))
 }
 
-/// One weight block unpacked for the byte dot product.
-trait WeightBlock: Copy {
-    /// Lane `i`: the exact sum of weight code × activation code over inputs `4i..4i + 4`.
-    fn dot(self, activations: Bytes) -> wide::i32x8;
+/// A pair of weight blocks unpacked for the byte dot product.
+trait WeightPair: Copy {
+    /// Lanes 0..4 for the first block, 4..8 for the second: exact sums of weight code ×
+    /// activation code (see [`int8::dot_q4_pair`] for which inputs each lane covers).
+    fn dot(self, activations: [Bytes; 2]) -> wide::i32x8;
 }
 
-/// A Q4_1 block's 32 codes (0..=15), unsigned.
+/// Two Q4_1 blocks' codes (0..=15), unsigned, as low and high vectors.
 #[derive(Clone, Copy)]
-struct Q4Block(Bytes);
+struct Q4Pair([Bytes; 2]);
 
-impl Q4Block {
+impl Q4Pair {
     #[inline(always)]
-    fn new(bytes: &[u8; Q8_BLOCK / 2]) -> Self {
-        Self(int8::unpack_nibbles(bytes))
+    fn new(bytes: &[u8; Q8_BLOCK]) -> Self {
+        Self(int8::unpack_nibble_pair(bytes))
     }
 }
 
-impl WeightBlock for Q4Block {
+impl WeightPair for Q4Pair {
     #[inline(always)]
-    fn dot(self, activations: Bytes) -> wide::i32x8 {
-        int8::dot_u8_i8(self.0, activations)
+    fn dot(self, activations: [Bytes; 2]) -> wide::i32x8 {
+        int8::dot_q4_pair(self.0, activations)
     }
 }
 
-/// A Q8_0 block's codes: their magnitudes (unsigned) and the codes themselves, whose signs
-/// move onto the activations.
+/// Two Q8_0 blocks' codes as low and high vectors: their magnitudes (unsigned) and the codes
+/// themselves, whose signs move onto the activations.
 #[derive(Clone, Copy)]
-struct Q8Block {
-    magnitudes: Bytes,
-    codes: Bytes,
+struct Q8Pair {
+    magnitudes: [Bytes; 2],
+    codes: [Bytes; 2],
 }
 
-impl Q8Block {
+impl Q8Pair {
     #[inline(always)]
-    fn new(codes: &[i8; Q8_BLOCK]) -> Self {
-        let codes = int8::load(codes);
+    fn new(codes: &CodePair) -> Self {
+        let codes = codes.each_ref().map(int8::load);
         Self {
-            magnitudes: int8::abs(codes),
+            magnitudes: codes.map(int8::abs),
             codes,
         }
     }
 }
 
-impl WeightBlock for Q8Block {
+impl WeightPair for Q8Pair {
     #[inline(always)]
-    fn dot(self, activations: Bytes) -> wide::i32x8 {
-        int8::dot_u8_i8(self.magnitudes, int8::apply_sign(activations, self.codes))
+    fn dot(self, activations: [Bytes; 2]) -> wide::i32x8 {
+        // Pair sums reach 2 × 128 × 127, so the halves are widened before they are added.
+        let [low, high] = [0, 1].map(|half| {
+            let signed = int8::apply_sign(activations[half], self.codes[half]);
+            int8::dot_u8_i8(self.magnitudes[half], signed)
+        });
+        low + high
     }
 }
 
@@ -426,13 +454,13 @@ struct TileSpan {
 struct RowsOf<'a> {
     x: &'a QuantizedRows,
     span: TileSpan,
-    blocks: usize,
+    pairs: usize,
 }
 
-/// Runs the kernel over all rows of a work item for one group of `C` outputs whose blocks
-/// `weights(c, block)` gives, writing the group's columns of `tile`.
+/// Runs the kernel over all rows of a work item for one group of `C` outputs whose block pairs
+/// `weights(c, pair)` gives, writing the group's columns of `tile`.
 #[inline(always)]
-fn code_rows<const C: usize, B: WeightBlock, W: Fn(usize, usize) -> (B, f32)>(
+fn code_rows<const C: usize, B: WeightPair, W: Fn(usize, usize) -> (B, f32x8)>(
     rows: RowsOf<'_>,
     group: OutputGroup,
     tile: &mut [f32],
@@ -460,12 +488,12 @@ fn code_rows<const C: usize, B: WeightBlock, W: Fn(usize, usize) -> (B, f32)>(
             }
         };
         let first = first_row + r;
-        let (x, blocks) = (rows.x, rows.blocks);
+        let (x, pairs) = (rows.x, rows.pairs);
         match count {
-            4 => put(&code_kernel::<4, C, B, W>(x, first, blocks, &weights)),
-            3 => put(&code_kernel::<3, C, B, W>(x, first, blocks, &weights)),
-            2 => put(&code_kernel::<2, C, B, W>(x, first, blocks, &weights)),
-            _ => put(&code_kernel::<1, C, B, W>(x, first, blocks, &weights)),
+            4 => put(&code_kernel::<4, C, B, W>(x, first, pairs, &weights)),
+            3 => put(&code_kernel::<3, C, B, W>(x, first, pairs, &weights)),
+            2 => put(&code_kernel::<2, C, B, W>(x, first, pairs, &weights)),
+            _ => put(&code_kernel::<1, C, B, W>(x, first, pairs, &weights)),
         }
         r += count;
     }
@@ -496,34 +524,29 @@ fn reduce_tile<const R: usize, const C: usize>(acc: [[f32x8; C]; R]) -> [[f32; C
     out
 }
 
-/// Dot products of rows `first..first + R` of `x` with `C` weight rows whose blocks
-/// `weights(c, block)` gives (block and its scale).
+/// Dot products of rows `first..first + R` of `x` with `C` weight rows whose block pairs
+/// `weights(c, pair)` gives (the pair and its scales, lanes 0..4 and 4..8).
 #[inline(always)]
-fn code_kernel<const R: usize, const C: usize, B: WeightBlock, W: Fn(usize, usize) -> (B, f32)>(
+fn code_kernel<const R: usize, const C: usize, B: WeightPair, W: Fn(usize, usize) -> (B, f32x8)>(
     x: &QuantizedRows,
     first: usize,
-    blocks: usize,
+    pairs: usize,
     weights: &W,
 ) -> [[f32; C]; R] {
-    let rows: [(&[[i8; Q8_BLOCK]], &[f32]); R] = std::array::from_fn(|r| x.row(first + r));
+    let rows: [(&[CodePair], &[[f32; 8]]); R] = std::array::from_fn(|r| x.row(first + r));
     assert!(
         rows.iter()
-            .all(|(codes, scales)| codes.len() == blocks && scales.len() == blocks)
+            .all(|(codes, scales)| codes.len() == pairs && scales.len() == pairs)
     );
     let mut acc = [[f32x8::ZERO; C]; R];
-    for block in 0..blocks {
-        let weight_blocks: [(B, f32); C] = std::array::from_fn(|c| weights(c, block));
-        let weight_scales = weight_blocks.map(|(_, scale)| f32x8::splat(scale));
+    for pair in 0..pairs {
+        let weight_pairs: [(B, f32x8); C] = std::array::from_fn(|c| weights(c, pair));
         for (acc_row, (codes, scales)) in acc.iter_mut().zip(&rows) {
-            let activations = int8::load(&codes[block]);
-            let row_scale = f32x8::splat(scales[block]);
-            for ((acc_out, (weight, _)), weight_scale) in
-                acc_row.iter_mut().zip(&weight_blocks).zip(&weight_scales)
-            {
-                // The same product in every lane as `weight scale × row scale` in f32.
-                let scale = *weight_scale * row_scale;
+            let activations = codes[pair].each_ref().map(int8::load);
+            let row_scales = f32x8::new(scales[pair]);
+            for (acc_out, &(weight, weight_scales)) in acc_row.iter_mut().zip(&weight_pairs) {
                 let sum = f32x8::from_i32x8(weight.dot(activations));
-                *acc_out = sum.mul_add(scale, *acc_out);
+                *acc_out = sum.mul_add(weight_scales * row_scales, *acc_out);
             }
         }
     }
