@@ -1,12 +1,12 @@
 //! The CPU backend: weights kept in their GGUF block format when it is Q8_0 or Q4_1 (other
-//! formats requantized to Q8_0 at load time) and multiplied by the kernels of
-//! [`matmul`](super::matmul) (f32 activations; the quantized codes for decode rows, their exact
-//! dense copy for prefill chunks), and the paged attention of [`attention`](super::attention).
+//! formats requantized to Q8_0 at load time) and multiplied by the kernel of
+//! [`matmul`](super::matmul) (activations rounded to 8-bit codes per block of 32, integer dot
+//! products, one kernel for every batch shape), and the paged attention of
+//! [`attention`](super::attention).
 //!
-//! Both kernels see the very same f32 weights, so a row's numerics are independent of the batch
-//! it runs in (reuse equals recompute, batching equals sequential). Keeping Q4_1 as loaded is
-//! exact (the reference implementation's values) and reads 20 bytes per 32 weights in decode,
-//! against 36 for the Q8_0 codes with f32 scales.
+//! A row's numerics are independent of the batch it runs in (reuse equals recompute, batching
+//! equals sequential). Keeping Q4_1 as loaded is exact (the file's values) and reads 20 bytes
+//! per 32 weights, as llama.cpp does.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
@@ -19,8 +19,7 @@ use crate::engine::model::matmul::{Q8_BLOCK, QuantMatrix};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
-/// A CPU weight: Q8_0 or Q4_1 (with its exact dense copy) when the input width allows it,
-/// dense f32 otherwise.
+/// A CPU weight: Q8_0 or Q4_1 when the input width allows it, dense f32 otherwise.
 #[derive(Debug)]
 pub enum CpuLinear {
     /// Quantized codes and scales, see [`QuantMatrix`].
