@@ -16,8 +16,8 @@
 //!   on eight lanes, lanes 0..4 holding exact integer sums of block `2p` (and its scales),
 //!   lanes 4..8 of block `2p + 1` (an odd last block pairs with zeros);
 //! - then a fixed pairwise sum of the lanes;
-//! - for Q4_1, plus `Σ_b min_o,b × sum_r,b` (the block min times the block's activation sum)
-//!   in a fixed order.
+//! - for Q4_1, plus `Σ_b min_o,b × sum_r,b` (the block min times the block's activation sum),
+//!   one FMA per block in increasing `b`.
 //!
 //! A row's result therefore never depends on how many rows share the batch or which tile ran
 //! it — the property behind "reuse equals recompute" and "batching equals sequential".
@@ -79,12 +79,13 @@ enum Codes {
         scales: Vec<f32>,
     },
     /// Q4_1: two GGUF blocks' nibble bytes side by side (low nibbles are inputs 0..16 of a
-    /// block, high nibbles inputs 16..32), scales, and mins `[outputs][blocks]` (f16 values
-    /// widened to f32); weight = code × scale + min.
+    /// block, high nibbles inputs 16..32), scales, and mins by groups of eight outputs,
+    /// `[outputs / 8][blocks][8]` (zero past the last output; f16 values widened to f32);
+    /// weight = code × scale + min.
     Q4 {
         nibbles: Vec<[u8; Q8_BLOCK]>,
         scales: Vec<f32>,
-        mins: Vec<f32>,
+        mins: Vec<[f32; LANES]>,
     },
 }
 
@@ -174,12 +175,12 @@ impl QuantMatrix {
         let pairs = blocks.div_ceil(2);
         let mut nibbles = vec![[0; Q8_BLOCK]; outputs * pairs];
         let mut scales = vec![0.0; outputs * 2 * pairs];
-        let mut mins = Vec::with_capacity(outputs * blocks);
+        let mut mins = vec![[0.0; LANES]; outputs.div_ceil(LANES) * blocks];
         for (index, block) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
             let (output, block_in_row) = (index / blocks, index % blocks);
             let half = block_in_row % 2;
             scales[output * 2 * pairs + block_in_row] = f16_at(block, 0);
-            mins.push(f16_at(block, 2));
+            mins[output / LANES * blocks + block_in_row][output % LANES] = f16_at(block, 2);
             nibbles[output * pairs + block_in_row / 2][half * 16..half * 16 + 16]
                 .copy_from_slice(&block[4..]);
         }
@@ -226,7 +227,8 @@ impl QuantMatrix {
                         } => {
                             let byte = nibbles[pair][at];
                             let code = if j < 16 { byte & 0x0F } else { byte >> 4 };
-                            f32::from(code).mul_add(scales[scale_at], mins[output * blocks + block])
+                            let min = mins[output / LANES * blocks + block][output % LANES];
+                            f32::from(code).mul_add(scales[scale_at], min)
                         }
                     });
                 }
@@ -301,12 +303,48 @@ impl QuantMatrix {
             1..=3 => self.code_outputs::<4>(x, span, &mut tile),
             _ => self.code_outputs::<2>(x, span, &mut tile),
         }
+        if let Codes::Q4 { mins, .. } = &self.codes {
+            self.add_min_terms(mins, x, span, &mut tile);
+        }
         tile
+    }
+
+    /// Adds Q4_1's min terms to a work item's tile: for row `r` and output `o`,
+    /// `Σ_b min_o,b × sum_r,b` (the block min times the sum of the row's block), one FMA per
+    /// block in increasing `b`, eight outputs side by side in the lanes.
+    fn add_min_terms(
+        &self,
+        mins: &[[f32; LANES]],
+        x: &QuantizedRows,
+        span: TileSpan,
+        tile: &mut [f32],
+    ) {
+        let blocks = self.blocks();
+        // Work items start at multiples of ITEM_OUTPUTS, so groups of eight line up.
+        const { assert!(ITEM_OUTPUTS.is_multiple_of(LANES)) };
+        for first in (0..span.output_count).step_by(LANES) {
+            let count = LANES.min(span.output_count - first);
+            let group = (span.first_output + first) / LANES;
+            let mins = &mins[group * blocks..(group + 1) * blocks];
+            for r in 0..span.row_count {
+                let sums = x.sums(span.first_row + r);
+                let terms = mins
+                    .iter()
+                    .zip(sums)
+                    .fold(f32x8::ZERO, |acc, (mins, &sum)| {
+                        f32x8::new(*mins).mul_add(f32x8::splat(sum), acc)
+                    });
+                let row = &mut tile[r * span.output_count + first..][..count];
+                for (value, term) in row.iter_mut().zip(terms.to_array()) {
+                    *value += term;
+                }
+            }
+        }
     }
 
     /// [`Self::code_tile`] with `C` outputs per register tile.
     fn code_outputs<const C: usize>(&self, x: &QuantizedRows, span: TileSpan, tile: &mut [f32]) {
-        let (blocks, pairs) = (self.blocks(), self.pairs());
+        let pairs = self.pairs();
         let mut o = 0;
         while o < span.output_count {
             let count = C.min(span.output_count - o);
@@ -315,66 +353,30 @@ impl QuantMatrix {
                 std::array::from_fn(|c| span.first_output + o + c.min(count - 1));
             let group = OutputGroup { first: o, count };
             let rows = RowsOf { x, span, pairs };
-            let pair_scales = |scales: &[f32], output: usize, pair: usize| {
-                let at = output * 2 * pairs + 2 * pair;
-                let (first, second) = (scales[at], scales[at + 1]);
-                f32x8::new([first, first, first, first, second, second, second, second])
-            };
             match &self.codes {
                 Codes::Q8 { codes, scales } => {
-                    let codes = outputs.map(|output| &codes[output * pairs..(output + 1) * pairs]);
-                    code_rows::<C, _, _>(rows, group, tile, |c, pair| {
-                        (
-                            Q8Pair::new(&codes[c][pair]),
-                            pair_scales(scales, outputs[c], pair),
-                        )
-                    });
+                    let weights = Q8Rows {
+                        codes: outputs.map(|output| &codes[output * pairs..(output + 1) * pairs]),
+                        scales: outputs
+                            .map(|output| &scales[output * 2 * pairs..(output + 1) * 2 * pairs]),
+                    };
+                    code_rows::<C, _>(rows, group, tile, &weights);
                 }
                 Codes::Q4 {
-                    nibbles,
-                    scales,
-                    mins,
+                    nibbles, scales, ..
                 } => {
-                    let nibbles =
-                        outputs.map(|output| &nibbles[output * pairs..(output + 1) * pairs]);
-                    code_rows::<C, _, _>(rows, group, tile, |c, pair| {
-                        (
-                            Q4Pair::new(&nibbles[c][pair]),
-                            pair_scales(scales, outputs[c], pair),
-                        )
-                    });
-                    // The mins' share: Σ_b min_b × (sum of the row's block b).
-                    for (c, &output) in outputs.iter().enumerate().take(count) {
-                        let mins = &mins[output * blocks..(output + 1) * blocks];
-                        for r in 0..span.row_count {
-                            let sums = x.sums(span.first_row + r);
-                            tile[r * span.output_count + o + c] += block_dot(mins, sums);
-                        }
-                    }
+                    let weights = Q4Rows {
+                        nibbles: outputs
+                            .map(|output| &nibbles[output * pairs..(output + 1) * pairs]),
+                        scales: outputs
+                            .map(|output| &scales[output * 2 * pairs..(output + 1) * 2 * pairs]),
+                    };
+                    code_rows::<C, _>(rows, group, tile, &weights);
                 }
             }
             o += count;
         }
     }
-}
-
-/// `Σ a_b × b_b` in a fixed order: eight lanes over whole groups of eight, summed pairwise,
-/// then the remaining terms in sequence.
-fn block_dot(a: &[f32], b: &[f32]) -> f32 {
-    let (a_lanes, a_rest) = a.as_chunks::<LANES>();
-    let (b_lanes, b_rest) = b.as_chunks::<LANES>();
-    let lanes = a_lanes
-        .iter()
-        .zip(b_lanes)
-        .fold(f32x8::ZERO, |acc, (a, b)| {
-            f32x8::new(*a).mul_add(f32x8::new(*b), acc)
-        });
-    let l = lanes.to_array();
-    let grouped = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
-    a_rest
-        .iter()
-        .zip(b_rest)
-        .fold(grouped, |acc, (a, b)| a.mul_add(*b, acc))
 }
 
 /// A pair of weight blocks unpacked for the byte dot product.
@@ -433,6 +435,58 @@ impl WeightPair for Q8Pair {
     }
 }
 
+/// The block pairs of a group of `C` weight rows.
+trait WeightRows<const C: usize> {
+    /// An unpacked pair.
+    type Pair: WeightPair;
+    /// Pair `pair` of row `c`, and its scales (the first block's in lanes 0..4, the second's in
+    /// lanes 4..8).
+    fn pair(&self, c: usize, pair: usize) -> (Self::Pair, f32x8);
+}
+
+/// A weight row's scales of pair `pair`, each in four lanes.
+#[inline(always)]
+fn pair_scales(scales: &[f32], pair: usize) -> f32x8 {
+    let (first, second) = (scales[2 * pair], scales[2 * pair + 1]);
+    f32x8::new([first, first, first, first, second, second, second, second])
+}
+
+/// `C` Q4_1 weight rows: nibble pairs and scales.
+struct Q4Rows<'a, const C: usize> {
+    nibbles: [&'a [[u8; Q8_BLOCK]]; C],
+    scales: [&'a [f32]; C],
+}
+
+impl<const C: usize> WeightRows<C> for Q4Rows<'_, C> {
+    type Pair = Q4Pair;
+
+    #[inline(always)]
+    fn pair(&self, c: usize, pair: usize) -> (Q4Pair, f32x8) {
+        (
+            Q4Pair::new(&self.nibbles[c][pair]),
+            pair_scales(self.scales[c], pair),
+        )
+    }
+}
+
+/// `C` Q8_0 weight rows: code pairs and scales.
+struct Q8Rows<'a, const C: usize> {
+    codes: [&'a [CodePair]; C],
+    scales: [&'a [f32]; C],
+}
+
+impl<const C: usize> WeightRows<C> for Q8Rows<'_, C> {
+    type Pair = Q8Pair;
+
+    #[inline(always)]
+    fn pair(&self, c: usize, pair: usize) -> (Q8Pair, f32x8) {
+        (
+            Q8Pair::new(&self.codes[c][pair]),
+            pair_scales(self.scales[c], pair),
+        )
+    }
+}
+
 /// Outputs `first..first + count` of a work item's tile.
 #[derive(Clone, Copy)]
 struct OutputGroup {
@@ -458,13 +512,13 @@ struct RowsOf<'a> {
 }
 
 /// Runs the kernel over all rows of a work item for one group of `C` outputs whose block pairs
-/// `weights(c, pair)` gives, writing the group's columns of `tile`.
+/// `weights` holds, writing the group's columns of `tile`.
 #[inline(always)]
-fn code_rows<const C: usize, B: WeightPair, W: Fn(usize, usize) -> (B, f32x8)>(
+fn code_rows<const C: usize, W: WeightRows<C>>(
     rows: RowsOf<'_>,
     group: OutputGroup,
     tile: &mut [f32],
-    weights: W,
+    weights: &W,
 ) {
     let TileSpan {
         first_row,
@@ -490,10 +544,10 @@ fn code_rows<const C: usize, B: WeightPair, W: Fn(usize, usize) -> (B, f32x8)>(
         let first = first_row + r;
         let (x, pairs) = (rows.x, rows.pairs);
         match count {
-            4 => put(&code_kernel::<4, C, B, W>(x, first, pairs, &weights)),
-            3 => put(&code_kernel::<3, C, B, W>(x, first, pairs, &weights)),
-            2 => put(&code_kernel::<2, C, B, W>(x, first, pairs, &weights)),
-            _ => put(&code_kernel::<1, C, B, W>(x, first, pairs, &weights)),
+            4 => put(&code_kernel::<4, C, W>(x, first, pairs, weights)),
+            3 => put(&code_kernel::<3, C, W>(x, first, pairs, weights)),
+            2 => put(&code_kernel::<2, C, W>(x, first, pairs, weights)),
+            _ => put(&code_kernel::<1, C, W>(x, first, pairs, weights)),
         }
         r += count;
     }
@@ -525,9 +579,9 @@ fn reduce_tile<const R: usize, const C: usize>(acc: [[f32x8; C]; R]) -> [[f32; C
 }
 
 /// Dot products of rows `first..first + R` of `x` with `C` weight rows whose block pairs
-/// `weights(c, pair)` gives (the pair and its scales, lanes 0..4 and 4..8).
+/// `weights` holds.
 #[inline(always)]
-fn code_kernel<const R: usize, const C: usize, B: WeightPair, W: Fn(usize, usize) -> (B, f32x8)>(
+fn code_kernel<const R: usize, const C: usize, W: WeightRows<C>>(
     x: &QuantizedRows,
     first: usize,
     pairs: usize,
@@ -540,7 +594,7 @@ fn code_kernel<const R: usize, const C: usize, B: WeightPair, W: Fn(usize, usize
     );
     let mut acc = [[f32x8::ZERO; C]; R];
     for pair in 0..pairs {
-        let weight_pairs: [(B, f32x8); C] = std::array::from_fn(|c| weights(c, pair));
+        let weight_pairs: [(W::Pair, f32x8); C] = std::array::from_fn(|c| weights.pair(c, pair));
         for (acc_row, (codes, scales)) in acc.iter_mut().zip(&rows) {
             let activations = codes[pair].each_ref().map(int8::load);
             let row_scales = f32x8::new(scales[pair]);
