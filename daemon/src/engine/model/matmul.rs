@@ -538,7 +538,12 @@ fn code_rows<const C: usize, W: WeightRows<C>>(
         let mut put = |sums: &[[f32; C]]| {
             for (i, row_sums) in sums.iter().enumerate() {
                 let start = (r + i) * output_count + group.first;
-                tile[start..start + group.count].copy_from_slice(&row_sums[..group.count]);
+                if group.count == C {
+                    // A fixed-size copy: register moves, not a `memcpy` call per row.
+                    tile[start..start + C].copy_from_slice(row_sums);
+                } else {
+                    tile[start..start + group.count].copy_from_slice(&row_sums[..group.count]);
+                }
             }
         };
         let first = first_row + r;
