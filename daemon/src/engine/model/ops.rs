@@ -39,6 +39,7 @@ pub fn silu_mul(gate_up: &[f32], width: usize) -> Vec<f32> {
 
 /// `e^x` for each lane, accurate to a few ULP for x in [-87, 88], exactly 0 for -∞ and very
 /// negative x. Written lane-wise so the compiler vectorises it (libm's `expf` does not).
+#[inline(always)]
 pub fn exp_lanes<const N: usize>(x: [f32; N]) -> [f32; N] {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
