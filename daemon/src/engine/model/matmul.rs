@@ -29,7 +29,9 @@ use std::sync::OnceLock;
 
 use wide::f32x8;
 
-use crate::engine::model::int8::{self, BLOCK, Bytes, CodePair, QuantizedRows};
+use crate::engine::model::int8::{
+    self, BLOCK, CodePair, Q4Rows, Q8Rows, QuantizedRows, WeightPair, WeightRows,
+};
 
 /// Inputs per quantization block.
 pub const Q8_BLOCK: usize = BLOCK;
@@ -376,114 +378,6 @@ impl QuantMatrix {
             }
             o += count;
         }
-    }
-}
-
-/// A pair of weight blocks unpacked for the byte dot product.
-trait WeightPair: Copy {
-    /// Lanes 0..4 for the first block, 4..8 for the second: exact sums of weight code ×
-    /// activation code (see [`int8::dot_q4_pair`] for which inputs each lane covers).
-    fn dot(self, activations: [Bytes; 2]) -> wide::i32x8;
-}
-
-/// Two Q4_1 blocks' codes (0..=15), unsigned, as low and high vectors.
-#[derive(Clone, Copy)]
-struct Q4Pair([Bytes; 2]);
-
-impl Q4Pair {
-    #[inline(always)]
-    fn new(bytes: &[u8; Q8_BLOCK]) -> Self {
-        Self(int8::unpack_nibble_pair(bytes))
-    }
-}
-
-impl WeightPair for Q4Pair {
-    #[inline(always)]
-    fn dot(self, activations: [Bytes; 2]) -> wide::i32x8 {
-        int8::dot_q4_pair(self.0, activations)
-    }
-}
-
-/// Two Q8_0 blocks' codes as low and high vectors: their magnitudes (unsigned) and the codes
-/// themselves, whose signs move onto the activations.
-#[derive(Clone, Copy)]
-struct Q8Pair {
-    magnitudes: [Bytes; 2],
-    codes: [Bytes; 2],
-}
-
-impl Q8Pair {
-    #[inline(always)]
-    fn new(codes: &CodePair) -> Self {
-        let codes = codes.each_ref().map(int8::load);
-        Self {
-            magnitudes: codes.map(int8::abs),
-            codes,
-        }
-    }
-}
-
-impl WeightPair for Q8Pair {
-    #[inline(always)]
-    fn dot(self, activations: [Bytes; 2]) -> wide::i32x8 {
-        // Pair sums reach 2 × 128 × 127, so the halves are widened before they are added.
-        let [low, high] = [0, 1].map(|half| {
-            let signed = int8::apply_sign(activations[half], self.codes[half]);
-            int8::dot_u8_i8(self.magnitudes[half], signed)
-        });
-        low + high
-    }
-}
-
-/// The block pairs of a group of `C` weight rows.
-trait WeightRows<const C: usize> {
-    /// An unpacked pair.
-    type Pair: WeightPair;
-    /// Pair `pair` of row `c`, and its scales (the first block's in lanes 0..4, the second's in
-    /// lanes 4..8).
-    fn pair(&self, c: usize, pair: usize) -> (Self::Pair, f32x8);
-}
-
-/// A weight row's scales of pair `pair`, each in four lanes.
-#[inline(always)]
-fn pair_scales(scales: &[f32], pair: usize) -> f32x8 {
-    let (first, second) = (scales[2 * pair], scales[2 * pair + 1]);
-    f32x8::new([first, first, first, first, second, second, second, second])
-}
-
-/// `C` Q4_1 weight rows: nibble pairs and scales.
-struct Q4Rows<'a, const C: usize> {
-    nibbles: [&'a [[u8; Q8_BLOCK]]; C],
-    scales: [&'a [f32]; C],
-}
-
-impl<const C: usize> WeightRows<C> for Q4Rows<'_, C> {
-    type Pair = Q4Pair;
-
-    #[inline(always)]
-    fn pair(&self, c: usize, pair: usize) -> (Q4Pair, f32x8) {
-        (
-            Q4Pair::new(&self.nibbles[c][pair]),
-            pair_scales(self.scales[c], pair),
-        )
-    }
-}
-
-/// `C` Q8_0 weight rows: code pairs and scales.
-struct Q8Rows<'a, const C: usize> {
-    codes: [&'a [CodePair]; C],
-    scales: [&'a [f32]; C],
-}
-
-impl<const C: usize> WeightRows<C> for Q8Rows<'_, C> {
-    type Pair = Q8Pair;
-
-    #[inline(always)]
-    fn pair(&self, c: usize, pair: usize) -> (Q8Pair, f32x8) {
-        (
-            Q8Pair::new(&self.codes[c][pair]),
-            pair_scales(self.scales[c], pair),
-        )
     }
 }
 
