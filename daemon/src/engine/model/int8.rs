@@ -103,7 +103,8 @@ impl QuantizedRows {
         &self.sums[row * self.blocks..(row + 1) * self.blocks]
     }
 
-    /// Block `block` of row `row`: its codes in input order and its scale.
+    /// Block `block` of row `row`: its codes in input order and its scale (tests).
+    #[cfg(test)]
     pub fn block(&self, row: usize, block: usize) -> ([i8; BLOCK], f32) {
         let (codes, scales) = self.row(row);
         let (pair, half) = (block / 2, block % 2);
@@ -242,6 +243,10 @@ pub use lanes::{Bytes, abs, apply_sign, dot_q4_pair, dot_u8_i8, load, unpack_nib
 
 /// A pair of weight blocks unpacked for the byte dot product.
 pub(crate) trait WeightPair: Copy {
+    /// How the pair is stored.
+    type Stored;
+    /// Unpacks a stored pair.
+    fn unpack(stored: &Self::Stored) -> Self;
     /// Lanes 0..4 for the first block, 4..8 for the second: exact sums of weight code ×
     /// activation code (see [`dot_q4_pair`] for which inputs each lane covers).
     fn dot(self, activations: [Bytes; 2]) -> i32x8;
@@ -251,14 +256,15 @@ pub(crate) trait WeightPair: Copy {
 #[derive(Clone, Copy)]
 pub(crate) struct Q4Pair([Bytes; 2]);
 
-impl Q4Pair {
+impl WeightPair for Q4Pair {
+    /// Two GGUF blocks' nibble bytes side by side.
+    type Stored = [u8; BLOCK];
+
     #[inline(always)]
-    fn new(bytes: &[u8; BLOCK]) -> Self {
+    fn unpack(bytes: &[u8; BLOCK]) -> Self {
         Self(unpack_nibble_pair(bytes))
     }
-}
 
-impl WeightPair for Q4Pair {
     #[inline(always)]
     fn dot(self, activations: [Bytes; 2]) -> i32x8 {
         dot_q4_pair(self.0, activations)
@@ -273,18 +279,18 @@ pub(crate) struct Q8Pair {
     codes: [Bytes; 2],
 }
 
-impl Q8Pair {
+impl WeightPair for Q8Pair {
+    type Stored = CodePair;
+
     #[inline(always)]
-    fn new(codes: &CodePair) -> Self {
+    fn unpack(codes: &CodePair) -> Self {
         let codes = codes.each_ref().map(load);
         Self {
             magnitudes: codes.map(abs),
             codes,
         }
     }
-}
 
-impl WeightPair for Q8Pair {
     #[inline(always)]
     fn dot(self, activations: [Bytes; 2]) -> i32x8 {
         // Pair sums reach 2 × 128 × 127, so the halves are widened before they are added.
@@ -296,54 +302,38 @@ impl WeightPair for Q8Pair {
     }
 }
 
-/// The block pairs of a group of `C` weight rows.
-pub(crate) trait WeightRows<const C: usize> {
-    /// An unpacked pair.
-    type Pair: WeightPair;
-    /// Pair `pair` of row `c`, and its scales (the first block's in lanes 0..4, the second's in
-    /// lanes 4..8).
-    fn pair(&self, c: usize, pair: usize) -> (Self::Pair, f32x8);
+/// `C` weight rows of one format: each row's stored block pairs and its block scales
+/// (`2 × pairs` of them).
+pub(crate) struct WeightRows<'a, P: WeightPair, const C: usize> {
+    stored: [&'a [P::Stored]; C],
+    scales: [&'a [f32]; C],
 }
 
-/// A weight row's scales of pair `pair`, each in four lanes.
-#[inline(always)]
-fn pair_scales(scales: &[f32], pair: usize) -> f32x8 {
-    let (first, second) = (scales[2 * pair], scales[2 * pair + 1]);
-    f32x8::new([first, first, first, first, second, second, second, second])
-}
-
-/// `C` Q4_1 weight rows: nibble pairs and scales.
-pub(crate) struct Q4Rows<'a, const C: usize> {
-    pub nibbles: [&'a [[u8; BLOCK]]; C],
-    pub scales: [&'a [f32]; C],
-}
-
-impl<const C: usize> WeightRows<C> for Q4Rows<'_, C> {
-    type Pair = Q4Pair;
-
+impl<'a, P: WeightPair, const C: usize> WeightRows<'a, P, C> {
+    /// Rows `outputs` of a `[outputs][pairs]` matrix of stored pairs and its
+    /// `[outputs][2 × pairs]` scales.
     #[inline(always)]
-    fn pair(&self, c: usize, pair: usize) -> (Q4Pair, f32x8) {
-        (
-            Q4Pair::new(&self.nibbles[c][pair]),
-            pair_scales(self.scales[c], pair),
-        )
+    pub fn of(
+        stored: &'a [P::Stored],
+        scales: &'a [f32],
+        outputs: [usize; C],
+        pairs: usize,
+    ) -> Self {
+        Self {
+            stored: outputs.map(|output| &stored[output * pairs..(output + 1) * pairs]),
+            scales: outputs.map(|output| &scales[output * 2 * pairs..(output + 1) * 2 * pairs]),
+        }
     }
-}
 
-/// `C` Q8_0 weight rows: code pairs and scales.
-pub(crate) struct Q8Rows<'a, const C: usize> {
-    pub codes: [&'a [CodePair]; C],
-    pub scales: [&'a [f32]; C],
-}
-
-impl<const C: usize> WeightRows<C> for Q8Rows<'_, C> {
-    type Pair = Q8Pair;
-
+    /// Pair `pair` of row `c`, unpacked, and its scales (the first block's in lanes 0..4, the
+    /// second's in lanes 4..8).
     #[inline(always)]
-    fn pair(&self, c: usize, pair: usize) -> (Q8Pair, f32x8) {
+    pub fn pair(&self, c: usize, pair: usize) -> (P, f32x8) {
+        let scales = self.scales[c];
+        let (first, second) = (scales[2 * pair], scales[2 * pair + 1]);
         (
-            Q8Pair::new(&self.codes[c][pair]),
-            pair_scales(self.scales[c], pair),
+            P::unpack(&self.stored[c][pair]),
+            f32x8::new([first, first, first, first, second, second, second, second]),
         )
     }
 }

@@ -30,7 +30,7 @@ use std::sync::OnceLock;
 use wide::f32x8;
 
 use crate::engine::model::int8::{
-    self, BLOCK, CodePair, Q4Rows, Q8Rows, QuantizedRows, WeightPair, WeightRows,
+    self, BLOCK, CodePair, Q4Pair, Q8Pair, QuantizedRows, WeightPair, WeightRows,
 };
 
 /// Inputs per quantization block.
@@ -208,7 +208,8 @@ impl QuantMatrix {
     }
 
     /// The weights as f32 values, `[outputs][inputs]`: `code × scale` for Q8_0 (exact),
-    /// `code × scale + min` for Q4_1 (rounded once).
+    /// `code × scale + min` for Q4_1 (rounded once). The tests' reference.
+    #[cfg(test)]
     pub fn dequantize(&self) -> Vec<f32> {
         let (blocks, pairs) = (self.blocks(), self.pairs());
         let mut weights = Vec::with_capacity(self.outputs * self.inputs);
@@ -357,23 +358,14 @@ impl QuantMatrix {
             let rows = RowsOf { x, span, pairs };
             match &self.codes {
                 Codes::Q8 { codes, scales } => {
-                    let weights = Q8Rows {
-                        codes: outputs.map(|output| &codes[output * pairs..(output + 1) * pairs]),
-                        scales: outputs
-                            .map(|output| &scales[output * 2 * pairs..(output + 1) * 2 * pairs]),
-                    };
-                    code_rows::<C, _>(rows, group, tile, &weights);
+                    let weights = WeightRows::<Q8Pair, C>::of(codes, scales, outputs, pairs);
+                    code_rows(rows, group, tile, &weights);
                 }
                 Codes::Q4 {
                     nibbles, scales, ..
                 } => {
-                    let weights = Q4Rows {
-                        nibbles: outputs
-                            .map(|output| &nibbles[output * pairs..(output + 1) * pairs]),
-                        scales: outputs
-                            .map(|output| &scales[output * 2 * pairs..(output + 1) * 2 * pairs]),
-                    };
-                    code_rows::<C, _>(rows, group, tile, &weights);
+                    let weights = WeightRows::<Q4Pair, C>::of(nibbles, scales, outputs, pairs);
+                    code_rows(rows, group, tile, &weights);
                 }
             }
             o += count;
@@ -408,11 +400,11 @@ struct RowsOf<'a> {
 /// Runs the kernel over all rows of a work item for one group of `C` outputs whose block pairs
 /// `weights` holds, writing the group's columns of `tile`.
 #[inline(always)]
-fn code_rows<const C: usize, W: WeightRows<C>>(
+fn code_rows<const C: usize, P: WeightPair>(
     rows: RowsOf<'_>,
     group: OutputGroup,
     tile: &mut [f32],
-    weights: &W,
+    weights: &WeightRows<'_, P, C>,
 ) {
     let TileSpan {
         first_row,
@@ -443,10 +435,10 @@ fn code_rows<const C: usize, W: WeightRows<C>>(
         let first = first_row + r;
         let (x, pairs) = (rows.x, rows.pairs);
         match count {
-            4 => put(&code_kernel::<4, C, W>(x, first, pairs, weights)),
-            3 => put(&code_kernel::<3, C, W>(x, first, pairs, weights)),
-            2 => put(&code_kernel::<2, C, W>(x, first, pairs, weights)),
-            _ => put(&code_kernel::<1, C, W>(x, first, pairs, weights)),
+            4 => put(&code_kernel::<4, C, P>(x, first, pairs, weights)),
+            3 => put(&code_kernel::<3, C, P>(x, first, pairs, weights)),
+            2 => put(&code_kernel::<2, C, P>(x, first, pairs, weights)),
+            _ => put(&code_kernel::<1, C, P>(x, first, pairs, weights)),
         }
         r += count;
     }
@@ -480,11 +472,11 @@ fn reduce_tile<const R: usize, const C: usize>(acc: [[f32x8; C]; R]) -> [[f32; C
 /// Dot products of rows `first..first + R` of `x` with `C` weight rows whose block pairs
 /// `weights` holds.
 #[inline(always)]
-fn code_kernel<const R: usize, const C: usize, W: WeightRows<C>>(
+fn code_kernel<const R: usize, const C: usize, P: WeightPair>(
     x: &QuantizedRows,
     first: usize,
     pairs: usize,
-    weights: &W,
+    weights: &WeightRows<'_, P, C>,
 ) -> [[f32; C]; R] {
     let rows: [(&[CodePair], &[[f32; 8]]); R] = std::array::from_fn(|r| x.row(first + r));
     assert!(
@@ -493,7 +485,7 @@ fn code_kernel<const R: usize, const C: usize, W: WeightRows<C>>(
     );
     let mut acc = [[f32x8::ZERO; C]; R];
     for pair in 0..pairs {
-        let weight_pairs: [(W::Pair, f32x8); C] = std::array::from_fn(|c| weights.pair(c, pair));
+        let weight_pairs: [(P, f32x8); C] = std::array::from_fn(|c| weights.pair(c, pair));
         for (acc_row, (codes, scales)) in acc.iter_mut().zip(&rows) {
             let activations = codes[pair].each_ref().map(int8::load);
             let row_scales = f32x8::new(scales[pair]);
