@@ -48,8 +48,9 @@ pub struct DesiredSkill {
     #[serde(default)]
     pub assembly: Assembly,
     /// Keep its KV prefilled and pinned here (the operator's placement chose this pod). False:
-    /// the daemon only knows the skill, so requests may name it; its tokens are prefilled per
-    /// request and cached like any prompt's, never pinned. Absent means true.
+    /// the daemon only knows the skill, so requests may name it; the first request that uses it
+    /// prefills it into the prefix cache, where later ones find it until it is evicted; never
+    /// pinned. Absent means true.
     #[serde(default = "pin_by_default")]
     pub pin: bool,
 }
@@ -127,6 +128,12 @@ pub struct SkillState {
     pub message: Option<String>,
     /// Tokens of the skill's prompt segment.
     pub tokens: usize,
+    /// Hash of the last full KV block of that segment prefilled on its own (chained from the
+    /// base model's namespace root, see [`crate::block_hash`]): a daemon whose cached prefix
+    /// blocks include it holds the skill's KV, pinned or not — the router counts such a skill
+    /// as warm there. `None` for a segment shorter than one block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_block: Option<BlockHash>,
     /// Bytes of KV pinned for it.
     pub kv_bytes: u64,
     /// Milliseconds the prefill took (0 when loaded from the node's store).

@@ -1,6 +1,8 @@
 //! `skillkv serve` on the tiny synthetic model with a `modular` skill from the admin API's
 //! desired state: the response says which assembly mode served it, and
-//! `usage.prompt_tokens_details.cached_tokens` counts only the exact reuse of the first skill.
+//! `usage.prompt_tokens_details.cached_tokens` counts only the exact reuse of the first skill. A
+//! modular skill the daemon only knows (`pin: false`) is prefilled on its own into the prefix
+//! cache by the first request that uses it, and the next request finds it there.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -124,6 +126,11 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
         .map_or("", |(_, value)| value.as_str())
 }
 
+fn unpinned(mut skill: Value) -> Value {
+    skill["pin"] = json!(false);
+    skill
+}
+
 fn skill(name: &str, topic: &str, assembly: &str) -> Value {
     let body: String = (0..8)
         .map(|i| format!("Rule {i} about {topic}: check the {topic} carefully. "))
@@ -149,7 +156,11 @@ fn a_modular_skill_is_reported_and_not_counted_as_cached() {
 
     let desired = json!({
         "generation": 1,
-        "skills": [skill("alpha", "caches", "exact"), skill("beta", "queues", "modular")],
+        "skills": [
+            skill("alpha", "caches", "exact"),
+            skill("beta", "queues", "modular"),
+            unpinned(skill("gamma", "sockets", "modular")),
+        ],
     });
     let (status, _, _) = request(
         &daemon.admin,
@@ -163,7 +174,11 @@ fn a_modular_skill_is_reported_and_not_counted_as_cached() {
     let skills = loop {
         let (_, _, state) = request(&daemon.admin, "GET", "/admin/v1/state", ADMIN_TOKEN, None);
         let skills = state["skills"].as_array().cloned().unwrap_or_default();
-        if skills.len() == 2 && skills.iter().all(|s| s["state"] == "Ready") {
+        let settled = |s: &Value| match s["name"].as_str() {
+            Some("gamma") => s["state"] == "Unpinned",
+            _ => s["state"] == "Ready",
+        };
+        if skills.len() == 3 && skills.iter().all(settled) {
             break skills;
         }
         assert!(Instant::now() < deadline, "skills not Ready: {state}");
@@ -211,4 +226,26 @@ fn a_modular_skill_is_reported_and_not_counted_as_cached() {
     assert_eq!(status, 200, "{body}");
     let cache = header(&headers, "x-skillkv-cache");
     assert!(cache.starts_with("mode=exact; skills=beta;"), "{cache}");
+
+    // gamma is pinned nowhere: the first request prefills it on its own (not found cached),
+    // the next one finds its KV in the prefix cache. The daemon reports the hash of its last
+    // full block so that a router can tell.
+    let gamma = skills.iter().find(|s| s["name"] == "gamma").expect("gamma");
+    assert_eq!(
+        gamma["lastBlock"].as_str().map(str::len),
+        Some(64),
+        "{gamma}"
+    );
+    let (status, headers, body) = chat(json!(["alpha", "gamma"]));
+    assert_eq!(status, 200, "{body}");
+    let cache = header(&headers, "x-skillkv-cache");
+    assert!(
+        cache.starts_with("mode=modular; skills=alpha,gamma;")
+            && cache.ends_with("warm=alpha; cached=none"),
+        "{cache}"
+    );
+    let (status, headers, body) = chat(json!(["alpha", "gamma"]));
+    assert_eq!(status, 200, "{body}");
+    let cache = header(&headers, "x-skillkv-cache");
+    assert!(cache.ends_with("warm=alpha; cached=gamma"), "{cache}");
 }

@@ -1,12 +1,15 @@
 //! Modular skill assembly on the tiny synthetic model, through the engine's public API: a single
 //! skill is served bit for bit as exact assembly does; a later skill's pinned KV is copied (and
 //! counted apart from exact reuse); the copied blocks are freed afterwards, the pinned blocks are
-//! left untouched and the modular KV never enters the exact prefix cache.
+//! left untouched and the modular KV never enters the exact prefix cache. A segment prefilled on
+//! its own into the prefix cache without a pin (a skill the daemon does not pin) is copied just
+//! like a pinned one, and when source and copy cannot both fit, the segment is computed in
+//! context instead of the request failing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use skillkv_daemon::engine::handle::{PinRequest, PinnedPrefix};
+use skillkv_daemon::engine::handle::{CachedPrefix, PinRequest, PinnedPrefix};
 use skillkv_daemon::engine::model::{LlamaModel, LoadOptions};
 use skillkv_daemon::engine::sampling::SamplingParams;
 use skillkv_daemon::engine::testing::{TinyModelSpec, write_tiny_gguf};
@@ -17,6 +20,10 @@ use skillkv_daemon::engine::{
 const BLOCKS: usize = 64;
 
 fn engine(label: &str) -> EngineHandle {
+    engine_with_blocks(label, BLOCKS)
+}
+
+fn engine_with_blocks(label: &str, blocks: usize) -> EngineHandle {
     let path: PathBuf = std::env::temp_dir().join(format!(
         "skillkv-modular-{label}-{}.gguf",
         std::process::id()
@@ -28,7 +35,7 @@ fn engine(label: &str) -> EngineHandle {
         Arc::new(loaded.model),
         None,
         EngineConfig {
-            kv_cache: KvCacheSize::Blocks(BLOCKS),
+            kv_cache: KvCacheSize::Blocks(blocks),
             max_batch_tokens: 256,
             ..EngineConfig::default()
         },
@@ -108,6 +115,16 @@ async fn pin(engine: &EngineHandle, tokens: &[u32]) -> PinnedPrefix {
         })
         .await
         .expect("pins")
+}
+
+async fn cache(engine: &EngineHandle, tokens: &[u32]) -> CachedPrefix {
+    engine
+        .cache_prefix(PinRequest {
+            tokens: tokens.to_vec(),
+            adapter: None,
+        })
+        .await
+        .expect("caches")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,6 +220,64 @@ async fn an_uncached_segment_is_computed_like_exact() {
     };
     let modular = run(&engine, prompt.clone(), vec![span]).await;
     assert_eq!(modular.modular_tokens, 0);
+    let exact = run(&engine, prompt, Vec::new()).await;
+    assert_eq!(modular.tokens, exact.tokens);
+    assert_eq!(modular.logprobs, exact.logprobs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_cached_without_a_pin_is_copied_like_a_pinned_one() {
+    let first = tokens(37, 2);
+    let second = tokens(50, 3);
+    let prompt: Vec<u32> = [first.as_slice(), &second, &tokens(9, 4)].concat();
+    let span = ModularSpan {
+        start: first.len(),
+        len: second.len(),
+        recompute: 2,
+    };
+    let pinned_engine = engine("cache-pinned");
+    pin(&pinned_engine, &first).await;
+    pin(&pinned_engine, &second).await;
+    let from_pins = run(&pinned_engine, prompt.clone(), vec![span]).await;
+
+    let cached_engine = engine("cache-unpinned");
+    // Only full blocks are cached: 32 of 37 and 48 of 50 tokens; the first time nothing was.
+    let first_cached = cache(&cached_engine, &first).await;
+    assert_eq!(first_cached.full_tokens, 32);
+    assert!(!first_cached.was_cached(), "{first_cached:?}");
+    let second_cached = cache(&cached_engine, &second).await;
+    assert_eq!(second_cached.full_tokens, 48);
+    assert!(!second_cached.was_cached(), "{second_cached:?}");
+    let again = cache(&cached_engine, &second).await;
+    assert!(again.was_cached(), "{again:?}");
+    let stats = cached_engine.kv_stats().await.expect("stats");
+    assert_eq!((stats.pinned, stats.used), (0, 0), "{stats:?}");
+    assert_eq!(stats.cached, 2 + 3, "{stats:?}");
+
+    let from_cache = run(&cached_engine, prompt, vec![span]).await;
+    assert_eq!(from_cache.modular_tokens, 48 - 2);
+    assert_eq!(from_cache, from_pins);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_cannot_fit_beside_its_source_is_computed_in_context() {
+    // 16 blocks: the cached first skill (2 blocks) and second skill (10 blocks) leave 4 free,
+    // but the prompt needs 11 more (the copy of the second skill and the question). Reading
+    // the source while writing its copy cannot fit; computing the segment can, by evicting it.
+    let engine = engine_with_blocks("cache-tight", 16);
+    let first = tokens(32, 8);
+    let second = tokens(160, 9);
+    cache(&engine, &first).await;
+    cache(&engine, &second).await;
+    let prompt: Vec<u32> = [first.as_slice(), &second, &tokens(8, 10)].concat();
+    let span = ModularSpan {
+        start: first.len(),
+        len: second.len(),
+        recompute: 0,
+    };
+    let modular = run(&engine, prompt.clone(), vec![span]).await;
+    assert_eq!(modular.modular_tokens, 0);
+    assert_eq!(modular.started_cached, 32);
     let exact = run(&engine, prompt, Vec::new()).await;
     assert_eq!(modular.tokens, exact.tokens);
     assert_eq!(modular.logprobs, exact.logprobs);

@@ -227,6 +227,7 @@ impl DaemonAdmin for FakeDaemons {
                         state: PlacementState::Ready,
                         message: None,
                         tokens: skill.content.len() / 4,
+                        last_block: None,
                         kv_bytes: (skill.content.len() / 4) as u64 * 1024,
                         prefill_millis: Some(5),
                         hits: 0,

@@ -1,5 +1,6 @@
 //! The router in front of real daemons (the daemon library on the tiny synthetic model, each in
-//! its own runtime, on loopback): requests land on the daemon that holds their skill; a daemon
+//! its own runtime, on loopback): requests land on the daemon that holds their skill, pinned or
+//! cached by an earlier request; a daemon
 //! killed mid-run has its new requests rerouted and its in-flight stream ended with an error
 //! event, and nothing hangs; rate limits answer 429 with their headers and recover. Every wait
 //! has a deadline.
@@ -12,13 +13,16 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use skillkv_api::v1alpha1::Assembly;
 use skillkv_daemon::engine::testing::TinyModelSpec;
 use skillkv_router::RouterConfig;
 use skillkv_router::ratelimit::RateLimiter;
 use skillkv_router::routing::{Policy, RoutingConfig};
 
 use crate::common::{TestRouter, body_text, config};
-use crate::real::{DaemonOptions, RealDaemon, client, within, write_model, write_skills};
+use crate::real::{
+    DaemonOptions, RealDaemon, client, skill_markdown, within, write_model, write_skills,
+};
 
 /// The whole of any one test.
 const TEST_LIMIT: Duration = Duration::from_secs(60);
@@ -180,6 +184,83 @@ async fn requests_land_on_the_daemon_that_holds_their_skill() {
         let cache = header(&response, "x-skillkv-cache");
         assert!(
             cache.contains("selection=detected") && cache.contains("warm=beta"),
+            "{cache}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpinned_skill_draws_its_requests_to_the_daemon_that_cached_it() {
+    within(TEST_LIMIT, "the test", async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let model = write_model(dir.path(), "tiny", &TinyModelSpec::default());
+        let fleet = daemons(&model, dir.path(), &[&[], &[], &[]]).await;
+        // Every daemon knows both skills and pins neither (as for a Skill whose replicas the
+        // budget could not place).
+        let skills: Vec<(String, String, i32, bool)> = [("alpha", "caches"), ("delta", "sockets")]
+            .iter()
+            .map(|(name, topic)| {
+                let text = skill_markdown(name, &format!("about {topic}"), &body(topic, 8));
+                (name.to_string(), text, 0, false)
+            })
+            .collect();
+        let http = client();
+        for daemon in &fleet {
+            daemon
+                .put_desired(&http, 1, &skills, Assembly::Modular)
+                .await;
+            daemon
+                .wait_skills_settled(&http, Duration::from_secs(30))
+                .await;
+        }
+        let router =
+            TestRouter::start(config(fleet.iter().map(RealDaemon::backend).collect())).await;
+        router.wait_healthy(3).await;
+        router
+            .wait_for("every daemon's skills to be known", |fleet| {
+                fleet.pods().iter().all(|pod| pod.state().skills.len() == 2)
+            })
+            .await;
+
+        let ask = |skills: &'static [&'static str]| {
+            router.post(
+                "/v1/chat/completions",
+                chat("tiny", "What should I check first?", Some(skills), false, 2),
+                &[],
+            )
+        };
+        // delta is warm nowhere: hashing picks a daemon, which prefills it on its own.
+        let first = within(REQUEST_LIMIT, "the first request", ask(&["delta"])).await;
+        assert_eq!(first.status(), StatusCode::OK);
+        assert_eq!(header(&first, "x-skillkv-route"), "hash");
+        assert!(header(&first, "x-skillkv-cache").ends_with("warm=none; cached=none"));
+        let holder = header(&first, "x-skillkv-backend");
+        router
+            .wait_for("the holder's delta blocks to reach the router", |fleet| {
+                fleet.pods().iter().any(|pod| {
+                    let state = pod.state();
+                    pod.backend.name == holder
+                        && state.skills["delta"]
+                            .last_block
+                            .is_some_and(|block| state.prefix.contains(&block))
+                })
+            })
+            .await;
+        // A request for another skill set that includes delta goes where delta's KV is, and
+        // that daemon copies it from its cache.
+        let second = within(
+            REQUEST_LIMIT,
+            "the second request",
+            ask(&["alpha", "delta"]),
+        )
+        .await;
+        assert_eq!(second.status(), StatusCode::OK);
+        assert_eq!(header(&second, "x-skillkv-backend"), holder);
+        assert_eq!(header(&second, "x-skillkv-route"), "skill-hit");
+        let cache = header(&second, "x-skillkv-cache");
+        assert!(
+            cache.starts_with("mode=modular;") && cache.ends_with("warm=none; cached=delta"),
             "{cache}"
         );
     })

@@ -90,7 +90,9 @@ def test_a_named_skill_is_served_from_its_pinned_kv(skilled_client, skilled, ski
         messages=[{"role": "user", "content": "Why would my report be slow?"}],
         max_tokens=4, temperature=0, extra_body={"skills": ["sql-tuning"]},
     )
-    assert raw.headers["x-skillkv-cache"] == "mode=exact; skills=sql-tuning; selection=named; warm=sql-tuning"
+    assert raw.headers["x-skillkv-cache"] == (
+        "mode=exact; skills=sql-tuning; selection=named; warm=sql-tuning; cached=none"
+    )
     usage = raw.parse().usage
     # The first request already reuses every full block of the pinned skill.
     assert usage.prompt_tokens_details.cached_tokens >= (tokens // 16) * 16

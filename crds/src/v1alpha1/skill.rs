@@ -200,7 +200,7 @@ pub enum PlacementState {
     /// The daemon could not do it; `message` says why.
     Failed,
     /// Known to the pod but not pinned there (placement chose other pods): requests naming it
-    /// are served, its tokens prefilled per request and cached like any prompt's.
+    /// are served, and the first one prefills it into the pod's prefix cache (evictable).
     Unpinned,
 }
 

@@ -1,13 +1,14 @@
 //! Skills on the daemon: where their tokens go in a prompt ([`assembly`]), the registry of
 //! their KV lifecycle, budget and accounting ([`registry`]), the `--skills` folder
-//! ([`directory`]), the admin API's desired state ([`desired`]) and the node's KV store
-//! ([`store`]).
+//! ([`directory`]), the admin API's desired state ([`desired`]), the node's KV store
+//! ([`store`]) and the prefix-cache KV of skills a daemon does not pin ([`unpinned`]).
 
 pub mod assembly;
 pub mod desired;
 pub mod directory;
 pub mod registry;
 pub mod store;
+pub mod unpinned;
 
 pub use assembly::{
     AssemblePromptError, AssembledPrompt, assemble_chat, modular_spans, skill_prefix_tokens,
@@ -19,3 +20,4 @@ pub use registry::{
     SkillVersion, SkillsConfig,
 };
 pub use store::{SkillStore, StoreIdentity};
+pub use unpinned::cache_unpinned_skills;

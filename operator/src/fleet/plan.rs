@@ -314,6 +314,7 @@ mod tests {
             state,
             message: None,
             tokens: 10,
+            last_block: None,
             kv_bytes: 0,
             prefill_millis: None,
             hits: 0,

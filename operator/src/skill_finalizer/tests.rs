@@ -58,6 +58,7 @@ fn daemon_pinning_sql() -> FakeDaemon {
         state: PlacementState::Ready,
         message: None,
         tokens: 12,
+        last_block: None,
         kv_bytes: 12 * 1024,
         prefill_millis: Some(3),
         hits: 0,

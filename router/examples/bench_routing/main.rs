@@ -375,7 +375,7 @@ async fn run_policy(
         })
         .collect();
     println!(
-        "  {:<13} pinned per daemon {:?} (best possible hit rate {:.1}%); decisions {}",
+        "  {:<13} pinned per daemon {:?} (best possible pinned hit rate {:.1}%); decisions {}",
         policy_name(policy),
         pinned.iter().map(BTreeSet::len).collect::<Vec<_>>(),
         ceiling * 100.0,

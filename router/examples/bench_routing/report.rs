@@ -21,6 +21,8 @@ pub struct Sample {
     pub skills: usize,
     /// Of those, the ones the serving daemon had pinned (`x-skillkv-cache: … warm=`).
     pub warm: usize,
+    /// And the ones it had not pinned but found in its prefix cache (`… cached=`).
+    pub cached: usize,
     /// `usage.prompt_tokens`.
     pub prompt_tokens: u64,
     /// `usage.prompt_tokens_details.cached_tokens`.
@@ -44,11 +46,19 @@ impl PolicyResult {
     pub fn ok(&self) -> impl Iterator<Item = &Sample> {
         self.samples.iter().filter(|s| !s.failed)
     }
+    /// Skill uses whose KV the serving daemon held, pinned or cached.
     pub fn hit_rate(&self) -> f64 {
-        let (warm, total) = self
+        self.share_of_skill_uses(|s| s.warm + s.cached)
+    }
+    /// Skill uses whose KV the serving daemon had pinned.
+    pub fn pinned_hit_rate(&self) -> f64 {
+        self.share_of_skill_uses(|s| s.warm)
+    }
+    fn share_of_skill_uses(&self, hits: impl Fn(&Sample) -> usize) -> f64 {
+        let (hit, total) = self
             .ok()
-            .fold((0, 0), |(w, t), s| (w + s.warm, t + s.skills));
-        warm as f64 / total.max(1) as f64
+            .fold((0, 0), |(h, t), s| (h + hits(s), t + s.skills));
+        hit as f64 / total.max(1) as f64
     }
     pub fn cached_share(&self) -> f64 {
         let (cached, prompt) = self.ok().fold((0, 0), |(c, p), s| {
@@ -76,8 +86,8 @@ pub fn policy_name(policy: Policy) -> &'static str {
 pub fn print_table(results: &[PolicyResult]) {
     let baseline = results.iter().find(|r| r.policy == Policy::RoundRobin);
     println!(
-        "{:<13} {:>9} {:>9} {:>11} {:>11} {:>8} {:>7}  vs round-robin (hit, TTFT p50, req/s)",
-        "policy", "hit rate", "cached", "TTFT p50", "TTFT p99", "req/s", "failed"
+        "{:<13} {:>9} {:>10} {:>10} {:>11} {:>11} {:>8} {:>7}  vs round-robin (hit, TTFT p50, req/s)",
+        "policy", "hit rate", "pinned hit", "cached tok", "TTFT p50", "TTFT p99", "req/s", "failed"
     );
     for result in results {
         let ratios = baseline.map_or_else(String::new, |base| {
@@ -89,9 +99,10 @@ pub fn print_table(results: &[PolicyResult]) {
             )
         });
         println!(
-            "{:<13} {:>8.1}% {:>8.1}% {:>8.1} ms {:>8.1} ms {:>8.2} {:>7}  {ratios}",
+            "{:<13} {:>8.1}% {:>9.1}% {:>9.1}% {:>8.1} ms {:>8.1} ms {:>8.2} {:>7}  {ratios}",
             policy_name(result.policy),
             result.hit_rate() * 100.0,
+            result.pinned_hit_rate() * 100.0,
             result.cached_share() * 100.0,
             result.ttft(0.5) * 1e3,
             result.ttft(0.99) * 1e3,
@@ -99,6 +110,19 @@ pub fn print_table(results: &[PolicyResult]) {
             result.samples.iter().filter(|s| s.failed).count(),
         );
     }
+}
+
+/// How many skills the cache header's `key` list names.
+fn header_list_len(cache: &str, key: &str) -> usize {
+    cache
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix(key))
+        .map_or(0, |names| {
+            names
+                .split(',')
+                .filter(|n| !n.is_empty() && *n != "none")
+                .count()
+        })
 }
 
 /// One streamed request: TTFT, the daemon's cache header and the final usage.
@@ -130,14 +154,8 @@ pub async fn one_request(http: Upstream, url: String, body: Value, skills: usize
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    sample.warm = cache
-        .split(';')
-        .find_map(|part| part.trim().strip_prefix("warm="))
-        .map_or(0, |warm| {
-            warm.split(',')
-                .filter(|n| !n.is_empty() && *n != "none")
-                .count()
-        });
+    sample.warm = header_list_len(&cache, "warm=");
+    sample.cached = header_list_len(&cache, "cached=");
     // TTFT: the first event carrying generated text (the opening event only names the role),
     // or the finish event if every token decoded to nothing.
     let mut body = response.into_body();

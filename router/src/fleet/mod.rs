@@ -336,7 +336,12 @@ impl Fleet {
                 let state = pod.state();
                 let skills_ready = skills
                     .iter()
-                    .filter(|name| state.skills.get(*name).is_some_and(skill_is_warm))
+                    .filter(|name| {
+                        state
+                            .skills
+                            .get(*name)
+                            .is_some_and(|skill| skill_is_warm(skill, &state.prefix))
+                    })
                     .count();
                 let knows_skills = pod.backend.admin_url.is_none()
                     || skills.iter().all(|name| state.skills.contains_key(name));
@@ -381,10 +386,16 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Whether a skill's KV serves requests on the pod now: Ready, or during a hot update still
-/// serving the previous version while the new one prefills.
-fn skill_is_warm(skill: &SkillState) -> bool {
-    skill.state == PlacementState::Ready || skill.serving_content_hash.is_some()
+/// Whether a skill's KV serves requests on the pod now: pinned and Ready, or during a hot
+/// update still serving the previous version while the new one prefills; or not pinned there
+/// but cached, because an earlier request prefilled it (the pod's prefix blocks hold the last
+/// block of the skill's own segment).
+fn skill_is_warm(skill: &SkillState, prefix: &PrefixIndex) -> bool {
+    skill.state == PlacementState::Ready
+        || skill.serving_content_hash.is_some()
+        || skill
+            .last_block
+            .is_some_and(|block| prefix.contains(&block))
 }
 
 #[cfg(test)]

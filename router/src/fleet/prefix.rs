@@ -71,6 +71,11 @@ impl PrefixIndex {
         self.order.clear();
     }
 
+    /// Whether `hash` is held.
+    pub fn contains(&self, hash: &BlockHash) -> bool {
+        self.blocks.contains_key(hash)
+    }
+
     /// How many leading blocks of `chain` (a prompt's chained block hashes) are held.
     pub fn matched_prefix(&self, chain: &[BlockHash]) -> usize {
         chain

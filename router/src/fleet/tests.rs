@@ -28,6 +28,7 @@ fn skill(name: &str, state: PlacementState, description: &str) -> SkillState {
         state,
         message: None,
         tokens: 100,
+        last_block: None,
         kv_bytes: 1000,
         prefill_millis: None,
         hits: 0,
@@ -157,6 +158,47 @@ fn candidates_count_ready_skills_and_the_cached_prefix() {
     let candidates = fleet.candidates(&pool, &["sql".to_string()], Some(&tokens), Instant::now());
     assert_eq!(candidates[1].skills_ready, 1);
     assert!(b.state().prefix.is_empty());
+}
+
+#[test]
+fn an_unpinned_skill_counts_as_warm_where_its_kv_is_cached() {
+    let fleet = fleet(2);
+    let skill_tokens: Vec<u32> = (100..150).collect();
+    let skill_blocks = namespace().block_hashes(&skill_tokens);
+    let unpinned = SkillState {
+        last_block: skill_blocks.last().copied(),
+        ..skill("etl", PlacementState::Unpinned, "")
+    };
+    for pod in fleet.pods().iter() {
+        pod.apply_snapshot(snapshot("m", vec![unpinned.clone()]));
+    }
+    let (a, b) = (&fleet.pods()[0], &fleet.pods()[1]);
+    // Pod b prefilled the skill for an earlier request; pod a holds only its first block.
+    for (i, hash) in skill_blocks.iter().enumerate() {
+        b.apply_event(AdminEvent::BlockStored {
+            hash: *hash,
+            parent: i.checked_sub(1).map(|p| skill_blocks[p]),
+        });
+    }
+    a.apply_event(AdminEvent::BlockStored {
+        hash: skill_blocks[0],
+        parent: None,
+    });
+    let pool = fleet.pool("m");
+    let etl = ["etl".to_string()];
+    let ready = |fleet: &Fleet| -> Vec<usize> {
+        fleet
+            .candidates(&pool, &etl, None, Instant::now())
+            .iter()
+            .map(|c| c.skills_ready)
+            .collect()
+    };
+    assert_eq!(ready(&fleet), vec![0, 1]);
+    // Evicted on b: warm nowhere.
+    b.apply_event(AdminEvent::BlockEvicted {
+        hash: *skill_blocks.last().expect("blocks"),
+    });
+    assert_eq!(ready(&fleet), vec![0, 0]);
 }
 
 #[test]

@@ -9,8 +9,9 @@
 //!
 //! The locality policy prefers, among the pods the bounded-load rule allows (no pod may reach
 //! more than ⌈(1+ε)× the mean⌉ in-flight requests of the healthy pods, counting this one), the
-//! pod with the most of the request's skills Ready, then the longest cached prefix, then the
-//! lightest load. Skills warm nowhere go to the pod chosen by rendezvous hashing of the skill
+//! pod with the most of the request's skills warm (Ready, i.e. pinned, or with their KV in the
+//! pod's prefix cache from an earlier request — [`crate::fleet::Fleet::candidates`]), then the
+//! longest cached prefix, then the lightest load. Skills warm nowhere go to the pod chosen by rendezvous hashing of the skill
 //! set, so the same skills keep landing on the same pods while pods come and go.
 
 use std::cmp::Reverse;
@@ -91,7 +92,7 @@ pub struct Candidate {
     pub waiting: usize,
     /// Free KV blocks, as it last reported.
     pub free_blocks: usize,
-    /// How many of the request's skills are Ready on it.
+    /// How many of the request's skills are warm on it: Ready (pinned), or cached.
     pub skills_ready: usize,
     /// It knows every skill the request names (in any state), or it has no admin API, so its
     /// skills are unknown; true for a request without skills.

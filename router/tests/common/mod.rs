@@ -73,6 +73,7 @@ pub fn skill(name: &str, description: &str, keywords: &[&str]) -> SkillState {
         state: PlacementState::Ready,
         message: None,
         tokens: 100,
+        last_block: None,
         kv_bytes: 1000,
         prefill_millis: None,
         hits: 0,

@@ -12,7 +12,7 @@ mod types;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use skillkv_api::block_hash::BlockHash;
+use skillkv_api::block_hash::{BLOCK_TOKENS, BlockHash};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 pub use self::types::*;
@@ -225,6 +225,27 @@ impl EngineHandle {
             request.tokens,
             request.adapter,
             Purpose::Pin(Some(reply)),
+            false,
+        );
+        self.send(Command::Enqueue(Box::new(seq)))
+            .await
+            .map_err(|()| PinError::EngineStopped)?;
+        answer.await.map_err(|_| PinError::EngineStopped)?
+    }
+
+    /// Prefills the full blocks of `request.tokens` into the prefix cache (reusing whatever is
+    /// cached), without pinning them: they stay until evicted, least recently used first. The
+    /// tokens of a last partial block are not computed.
+    pub async fn cache_prefix(&self, request: PinRequest) -> Result<CachedPrefix, PinError> {
+        let mut tokens = request.tokens;
+        tokens.truncate(tokens.len() / BLOCK_TOKENS * BLOCK_TOKENS);
+        self.validate(&tokens, None)?;
+        let (reply, answer) = oneshot::channel();
+        let seq = self.new_sequence(
+            "cache".to_string(),
+            tokens,
+            request.adapter,
+            Purpose::Cache(Some(reply)),
             false,
         );
         self.send(Command::Enqueue(Box::new(seq)))

@@ -78,7 +78,21 @@ impl<M: ForwardModel> Scheduler<M> {
         if needed > self.cache.available() {
             let available = self.cache.available();
             self.cache.release_all(shared);
+            let copying = !sources.is_empty();
             self.release_copy_sources(sources);
+            if copying && self.running.is_empty() {
+                // The copy sources themselves hold blocks (an unpinned skill's cached KV is
+                // read while its copy is written): computed in context instead, the prompt
+                // may fit, since those blocks can then be evicted.
+                tracing::debug!(
+                    seq = seq.id,
+                    needed,
+                    available,
+                    "no room to copy modular segments; computing them in context"
+                );
+                seq.modular.clear();
+                return self.try_admit(seq);
+            }
             return Err(if self.running.is_empty() {
                 Refusal::NeverFits { needed, available }
             } else {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::engine::batch::{BLOCK_SIZE, ForwardOutput};
 use crate::engine::handle::{
-    FinishReason, GenerateError, GenerationEvent, PinError, PinId, PinnedPrefix,
+    CachedPrefix, FinishReason, GenerateError, GenerationEvent, PinError, PinId, PinnedPrefix,
 };
 use crate::engine::radix::PrefixCache;
 
@@ -15,7 +15,8 @@ use super::{ForwardModel, Planned, Scheduler, wants_logits};
 /// How a sequence of this step ends.
 enum Ending {
     Finished(FinishReason),
-    Pinned,
+    /// A prefill-only sequence ([`Purpose::Pin`], [`Purpose::Cache`]) reached its end.
+    Prefilled,
     Failed(GenerateError),
 }
 
@@ -40,8 +41,10 @@ impl<M: ForwardModel> Scheduler<M> {
                     None => Some(Ending::Failed(GenerateError::MissingLogits)),
                 };
                 endings.extend(ending.map(|ending| (planned.index, ending)));
-            } else if end == seq.tokens.len() && matches!(seq.purpose, Purpose::Pin(_)) {
-                endings.push((planned.index, Ending::Pinned));
+            } else if end == seq.tokens.len()
+                && matches!(seq.purpose, Purpose::Pin(_) | Purpose::Cache(_))
+            {
+                endings.push((planned.index, Ending::Prefilled));
             }
             register_full_blocks(&mut self.cache, seq);
         }
@@ -51,7 +54,10 @@ impl<M: ForwardModel> Scheduler<M> {
             let seq = self.running.remove(index);
             match ending {
                 Ending::Finished(reason) => self.finish(seq, reason),
-                Ending::Pinned => self.finish_pin(seq),
+                Ending::Prefilled if matches!(seq.purpose, Purpose::Cache(_)) => {
+                    self.finish_cache(seq);
+                }
+                Ending::Prefilled => self.finish_pin(seq),
                 Ending::Failed(error) => self.fail(seq, error),
             }
         }
@@ -119,13 +125,28 @@ impl<M: ForwardModel> Scheduler<M> {
             Purpose::Pin(reply) => reply
                 .take()
                 .is_some_and(|reply| reply.send(Ok(prefix)).is_ok()),
-            Purpose::Generate(_) => false,
+            Purpose::Generate(_) | Purpose::Cache(_) => false,
         };
         if !delivered {
             // Nobody holds the pin id: drop the pin rather than leak it.
             self.unpin(id);
         }
         tracing::info!(seq = seq.id, pinned_blocks = pinned, "prefix pinned");
+    }
+
+    /// Leaves a prefilled prefix in the cache, unpinned, and answers the caller.
+    fn finish_cache(&mut self, mut seq: Sequence) {
+        let full_tokens = seq.registered.min(seq.tokens.len() / BLOCK_SIZE) * BLOCK_SIZE;
+        self.release(&mut seq);
+        if let Purpose::Cache(reply) = &mut seq.purpose
+            && let Some(reply) = reply.take()
+        {
+            let _ = reply.send(Ok(CachedPrefix {
+                full_tokens,
+                cached_tokens: seq.cached_tokens,
+            }));
+        }
+        tracing::debug!(seq = seq.id, full_tokens, "prefix cached");
     }
 
     /// Ends a sequence with an error.
@@ -140,6 +161,11 @@ impl<M: ForwardModel> Scheduler<M> {
                     let _ = reply.send(Err(PinError::Prefill(error)));
                 }
             }
+            Purpose::Cache(reply) => {
+                if let Some(reply) = reply.take() {
+                    let _ = reply.send(Err(PinError::Prefill(error)));
+                }
+            }
         }
     }
 
@@ -148,7 +174,7 @@ impl<M: ForwardModel> Scheduler<M> {
         tracing::debug!(seq = seq.id, request_id = %seq.request_id, "cancelled");
         match seq.purpose {
             Purpose::Generate(_) => self.finish(seq, FinishReason::Cancelled),
-            Purpose::Pin(_) => self.fail(seq, GenerateError::Cancelled),
+            Purpose::Pin(_) | Purpose::Cache(_) => self.fail(seq, GenerateError::Cancelled),
         }
     }
 

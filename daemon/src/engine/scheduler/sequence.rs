@@ -8,7 +8,7 @@ use skillkv_api::block_hash::{BLOCK_TOKENS, BlockHash, chain};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::blocks::BlockTable;
-use crate::engine::handle::{GenerationEvent, ModularSpan, PinError, PinnedPrefix};
+use crate::engine::handle::{CachedPrefix, GenerationEvent, ModularSpan, PinError, PinnedPrefix};
 use crate::engine::sampling::{Sampler, SamplingParams};
 use crate::engine::scheduler::text::TextState;
 
@@ -22,6 +22,8 @@ pub enum Purpose {
     Generate(Box<Generation>),
     /// Prefill a prefix and pin its full blocks (skills).
     Pin(Option<oneshot::Sender<Result<PinnedPrefix, PinError>>>),
+    /// Prefill a prefix into the prefix cache, unpinned (skills this daemon does not pin).
+    Cache(Option<oneshot::Sender<Result<CachedPrefix, PinError>>>),
 }
 
 /// The generation side of a sequence: sampling, text and the caller's channel.
@@ -160,6 +162,7 @@ impl Sequence {
         match &self.purpose {
             Purpose::Generate(generation) => generation.events.is_closed(),
             Purpose::Pin(reply) => reply.as_ref().is_none_or(|reply| reply.is_closed()),
+            Purpose::Cache(reply) => reply.as_ref().is_none_or(|reply| reply.is_closed()),
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::server::openai::generate::{
 use crate::server::openai::sse::{ChunkFormat, stream_response};
 use crate::server::openai::types::{ApiJson, CommonFields, Usage, unix_now};
 use crate::server::request_id::RequestId;
-use crate::skills::{SkillSelection, assemble_chat};
+use crate::skills::{SkillSelection, assemble_chat, cache_unpinned_skills};
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -131,10 +131,11 @@ pub async fn create(
     if state.config.log_content {
         log_prompt(&state, &serving.tokenizer.decode(&prompt.tokens));
     }
-    let skills = PromptSkills {
+    let mut skills = PromptSkills {
         skills: resolved.into_iter().zip(prompt.skill_spans).collect(),
         detected: selection == SkillSelection::Auto,
     };
+    cache_unpinned_skills(&serving.engine, &mut skills.skills).await;
     let generation = Generation::start(&state, &request_id, prompt.tokens, skills, sampling)?;
     let header = generation.cache_header();
     let id = format!("chatcmpl-{request_id}");

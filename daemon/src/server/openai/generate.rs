@@ -52,10 +52,11 @@ impl PromptSkills {
         }
     }
 
-    /// `x-skillkv-cache: mode=exact|modular; skills=a,b; selection=named|detected; warm=a` —
-    /// the assembly mode (exact prefix reuse, or modular: later skills' own KV copied and
-    /// re-rotated), the skills in prompt order, how they were chosen and which of them had
-    /// pinned KV.
+    /// `x-skillkv-cache: mode=exact|modular; skills=a,b; selection=named|detected; warm=a;
+    /// cached=b` — the assembly mode (exact prefix reuse, or modular: later skills' own KV
+    /// copied and re-rotated), the skills in prompt order, how they were chosen, which of them
+    /// had pinned KV and which, not pinned, had their KV in the prefix cache from an earlier
+    /// request ([`crate::skills::unpinned`]).
     pub fn cache_header(&self) -> (HeaderName, HeaderValue) {
         let list = |names: Vec<&str>| {
             if names.is_empty() {
@@ -72,9 +73,18 @@ impl PromptSkills {
                 .map(|(s, _)| s.name.as_str())
                 .collect(),
         );
+        let cached = list(
+            self.skills
+                .iter()
+                .filter(|(s, _)| s.cached)
+                .map(|(s, _)| s.name.as_str())
+                .collect(),
+        );
         let selection = if self.detected { "detected" } else { "named" };
         let mode = self.mode();
-        let value = format!("mode={mode}; skills={names}; selection={selection}; warm={warm}");
+        let value = format!(
+            "mode={mode}; skills={names}; selection={selection}; warm={warm}; cached={cached}"
+        );
         (
             HeaderName::from_static(CACHE_HEADER),
             HeaderValue::from_str(&value)
@@ -373,6 +383,7 @@ mod tests {
                 prefix_tokens: Vec::new(),
             }),
             warm: true,
+            cached: false,
             assembly,
             counters: Arc::default(),
         }
@@ -396,7 +407,7 @@ mod tests {
         ]);
         assert_eq!(
             modular_later,
-            "mode=modular; skills=a,b; selection=named; warm=a,b"
+            "mode=modular; skills=a,b; selection=named; warm=a,b; cached=none"
         );
         // A modular first skill sits at position 0: its pinned KV is the exact prefix.
         let modular_first = header(vec![

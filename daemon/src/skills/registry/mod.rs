@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use skillkv_api::admin::{AdminEvent, SkillOrigin, SkillState};
+use skillkv_api::block_hash::block_hashes_from;
 use skillkv_api::skills::{DetectorConfig, SkillDetector, SkillDocument};
 use skillkv_api::v1alpha1::{Assembly, PlacementState};
 use tokio::sync::{Semaphore, broadcast, watch};
@@ -103,6 +104,9 @@ pub struct ResolvedSkill {
     pub version: Arc<SkillVersion>,
     /// Whether that version's KV is pinned.
     pub warm: bool,
+    /// Whether its KV, though not pinned, was found in the prefix cache (an earlier request
+    /// prefilled it; see [`crate::skills::unpinned`]). Set after resolution.
+    pub cached: bool,
     /// How it is assembled into the request (its `spec.assembly`).
     pub assembly: Assembly,
     /// Its counters.
@@ -300,6 +304,12 @@ impl SkillRegistry {
             state: entry.state,
             message: entry.message.clone(),
             tokens,
+            last_block: block_hashes_from(
+                self.engine.namespace_root(None),
+                &entry.latest.prefix_tokens,
+            )
+            .last()
+            .copied(),
             kv_bytes: (tokens * self.config.kv_bytes_per_token) as u64,
             prefill_millis: entry.serving.as_ref().map(|s| s.prefill_millis),
             hits: entry.counters.hits.load(Ordering::Relaxed),
@@ -526,6 +536,7 @@ impl SkillRegistry {
                     name,
                     version,
                     warm,
+                    cached: false,
                     assembly: entry.assembly,
                     counters: entry.counters.clone(),
                 })
