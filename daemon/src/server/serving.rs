@@ -17,7 +17,9 @@ use crate::engine::tokenizer::{BuildTokenizerError, GgufTokenizer};
 use crate::engine::{Engine, EngineConfig, EngineHandle, KvCacheSize};
 use crate::skills::assembly::DEFAULT_MODULAR_RECOMPUTE_TOKENS;
 use crate::skills::store::OpenSkillStoreError;
-use crate::skills::{DesiredStateManager, SkillRegistry, SkillStore, SkillsConfig, StoreIdentity};
+use crate::skills::{
+    DesiredStateManager, SkillRegistry, SkillStore, SkillsConfig, StoreIdentity, UnpinnedSkillCache,
+};
 use crate::telemetry::memory::{MemorySources, ReadAvailableMemoryError, available_memory};
 
 /// How the skills of a served model are kept.
@@ -102,6 +104,8 @@ pub struct Serving {
     pub skills: Arc<SkillRegistry>,
     /// The admin API's desired state.
     pub desired: DesiredStateManager,
+    /// Prefills of skills this daemon does not pin, for the requests that use them.
+    pub unpinned: UnpinnedSkillCache,
     /// Where the engine runs and why.
     pub device: DeviceInfo,
 }
@@ -224,6 +228,7 @@ impl Serving {
             total_blocks,
             skills: registry,
             desired,
+            unpinned: UnpinnedSkillCache::default(),
             device: selected.info,
         })
     }

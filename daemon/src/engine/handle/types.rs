@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use skillkv_api::block_hash::{BLOCK_TOKENS, BlockHash, HashNamespace};
+use skillkv_api::block_hash::{BlockHash, HashNamespace};
 
 use crate::engine::sampling::{SamplingParams, ValidateSamplingParamsError};
 
@@ -251,16 +251,14 @@ pub struct PinnedPrefix {
 pub struct CachedPrefix {
     /// Tokens of the prefix's full blocks (a multiple of 16): what the cache holds of it now.
     pub full_tokens: usize,
-    /// Tokens whose KV was already cached before (a prefix of whole blocks found entirely
-    /// cached still recomputes its last token, so that case reports one less).
+    /// Of those, tokens whose KV was already cached before.
     pub cached_tokens: usize,
 }
 
 impl CachedPrefix {
-    /// Whether every full block was cached already (nothing was prefilled but, at most, the
-    /// last token).
+    /// Whether every full block was cached already (nothing was computed).
     pub fn was_cached(&self) -> bool {
-        self.full_tokens > 0 && self.cached_tokens + BLOCK_TOKENS > self.full_tokens
+        self.full_tokens > 0 && self.cached_tokens >= self.full_tokens
     }
 }
 

@@ -1,9 +1,10 @@
 //! Admission of waiting sequences: prefix lookup, the block check, block allocation (with the
-//! copy-on-write of a fully cached last block), modular copies and the `Started` event.
+//! copy-on-write of a fully cached last block), modular copies and the `Started` event; a
+//! cache-only prefill that is all cached already is answered without running.
 
 use crate::engine::batch::BLOCK_SIZE;
 use crate::engine::blocks::blocks_for_tokens;
-use crate::engine::handle::{GenerateError, GenerationEvent};
+use crate::engine::handle::{CachedPrefix, GenerateError, GenerationEvent};
 
 use super::sequence::{Purpose, Sequence};
 use super::{ForwardModel, Scheduler};
@@ -21,7 +22,10 @@ impl<M: ForwardModel> Scheduler<M> {
     /// can never fit. `None` when the queue is empty or its head must wait.
     pub(super) fn admit_next(&mut self) -> Option<Sequence> {
         loop {
-            let mut seq = self.waiting.pop_front()?;
+            let seq = self.waiting.pop_front()?;
+            let Some(mut seq) = self.answer_cached_hit(seq) else {
+                continue;
+            };
             match self.try_admit(&mut seq) {
                 Ok(()) => {
                     self.on_admitted(&mut seq);
@@ -44,6 +48,31 @@ impl<M: ForwardModel> Scheduler<M> {
                 }
             }
         }
+    }
+
+    /// Answers a [`Purpose::Cache`] sequence whose every block is cached already at once (the
+    /// blocks become the most recently used) instead of recomputing its last token; returns any
+    /// other sequence, which still has to be admitted.
+    fn answer_cached_hit(&mut self, mut seq: Sequence) -> Option<Sequence> {
+        if !matches!(seq.purpose, Purpose::Cache(_)) || !self.limits.reuse_prefixes {
+            return Some(seq);
+        }
+        seq.extend_hashes();
+        let len = seq.tokens.len();
+        if self.cache.matched_len(&seq.hashes) * BLOCK_SIZE < len {
+            return Some(seq);
+        }
+        let touched = self.cache.acquire_prefix(&seq.hashes);
+        self.cache.release_all(touched);
+        if let Purpose::Cache(reply) = &mut seq.purpose
+            && let Some(reply) = reply.take()
+        {
+            let _ = reply.send(Ok(CachedPrefix {
+                full_tokens: len,
+                cached_tokens: len,
+            }));
+        }
+        None
     }
 
     /// Takes the cached prefix, allocates blocks for every other token of `seq` and copies its

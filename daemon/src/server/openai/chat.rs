@@ -17,7 +17,7 @@ use crate::server::openai::generate::{
 use crate::server::openai::sse::{ChunkFormat, stream_response};
 use crate::server::openai::types::{ApiJson, CommonFields, Usage, unix_now};
 use crate::server::request_id::RequestId;
-use crate::skills::{SkillSelection, assemble_chat, cache_unpinned_skills};
+use crate::skills::{SkillSelection, assemble_chat};
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -135,7 +135,10 @@ pub async fn create(
         skills: resolved.into_iter().zip(prompt.skill_spans).collect(),
         detected: selection == SkillSelection::Auto,
     };
-    cache_unpinned_skills(&serving.engine, &mut skills.skills).await;
+    serving
+        .unpinned
+        .prepare(&serving.engine, &mut skills.skills)
+        .await;
     let generation = Generation::start(&state, &request_id, prompt.tokens, skills, sampling)?;
     let header = generation.cache_header();
     let id = format!("chatcmpl-{request_id}");
