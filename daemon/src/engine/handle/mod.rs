@@ -218,34 +218,35 @@ impl EngineHandle {
     /// Prefills `request.tokens` (reusing whatever is cached) and pins its full blocks so they
     /// are never evicted, until [`Self::unpin`].
     pub async fn pin(&self, request: PinRequest) -> Result<PinnedPrefix, PinError> {
-        self.validate(&request.tokens, None)?;
-        let (reply, answer) = oneshot::channel();
-        let seq = self.new_sequence(
-            "pin".to_string(),
-            request.tokens,
-            request.adapter,
-            Purpose::Pin(Some(reply)),
-            false,
-        );
-        self.send(Command::Enqueue(Box::new(seq)))
+        self.prefill_prefix("pin", request, |reply| Purpose::Pin(Some(reply)))
             .await
-            .map_err(|()| PinError::EngineStopped)?;
-        answer.await.map_err(|_| PinError::EngineStopped)?
     }
 
     /// Prefills the full blocks of `request.tokens` into the prefix cache (reusing whatever is
     /// cached), without pinning them: they stay until evicted, least recently used first. The
     /// tokens of a last partial block are not computed.
-    pub async fn cache_prefix(&self, request: PinRequest) -> Result<CachedPrefix, PinError> {
-        let mut tokens = request.tokens;
-        tokens.truncate(tokens.len() / BLOCK_TOKENS * BLOCK_TOKENS);
-        self.validate(&tokens, None)?;
+    pub async fn cache_prefix(&self, mut request: PinRequest) -> Result<CachedPrefix, PinError> {
+        let full = request.tokens.len() / BLOCK_TOKENS * BLOCK_TOKENS;
+        request.tokens.truncate(full);
+        self.prefill_prefix("cache", request, |reply| Purpose::Cache(Some(reply)))
+            .await
+    }
+
+    /// Queues a prefill-only sequence for `request` with the purpose `purpose` makes of its
+    /// reply channel, and awaits the reply.
+    async fn prefill_prefix<T>(
+        &self,
+        label: &str,
+        request: PinRequest,
+        purpose: impl FnOnce(oneshot::Sender<Result<T, PinError>>) -> Purpose,
+    ) -> Result<T, PinError> {
+        self.validate(&request.tokens, None)?;
         let (reply, answer) = oneshot::channel();
         let seq = self.new_sequence(
-            "cache".to_string(),
-            tokens,
+            label.to_string(),
+            request.tokens,
             request.adapter,
-            Purpose::Cache(Some(reply)),
+            purpose(reply),
             false,
         );
         self.send(Command::Enqueue(Box::new(seq)))

@@ -58,28 +58,22 @@ impl PromptSkills {
     /// had pinned KV and which, not pinned, had their KV in the prefix cache from an earlier
     /// request ([`crate::skills::unpinned`]).
     pub fn cache_header(&self) -> (HeaderName, HeaderValue) {
-        let list = |names: Vec<&str>| {
+        let list = |keep: fn(&ResolvedSkill) -> bool| {
+            let names: Vec<&str> = self
+                .skills
+                .iter()
+                .filter(|(s, _)| keep(s))
+                .map(|(s, _)| s.name.as_str())
+                .collect();
             if names.is_empty() {
                 "none".to_string()
             } else {
                 names.join(",")
             }
         };
-        let names = list(self.skills.iter().map(|(s, _)| s.name.as_str()).collect());
-        let warm = list(
-            self.skills
-                .iter()
-                .filter(|(s, _)| s.warm)
-                .map(|(s, _)| s.name.as_str())
-                .collect(),
-        );
-        let cached = list(
-            self.skills
-                .iter()
-                .filter(|(s, _)| s.cached)
-                .map(|(s, _)| s.name.as_str())
-                .collect(),
-        );
+        let names = list(|_| true);
+        let warm = list(|s| s.warm);
+        let cached = list(|s| s.cached);
         let selection = if self.detected { "detected" } else { "named" };
         let mode = self.mode();
         let value = format!(
