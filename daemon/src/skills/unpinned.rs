@@ -13,6 +13,11 @@
 //! admission: under memory pressure they may be evicted in between, and the segment is then
 //! computed in context, as it would be without this step — never a request refused for KV
 //! that a pin held.
+//!
+//! Requests that need a skill while it is being prefilled wait for that one prefill
+//! ([`UnpinnedSkillCache`] keeps one per skill version in flight) instead of each computing it
+//! again; so these prefills, which run before a request meets admission control, never queue
+//! more than one per skill version however many requests arrive.
 
 use std::collections::HashMap;
 use std::fmt;
