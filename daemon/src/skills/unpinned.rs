@@ -89,12 +89,16 @@ impl UnpinnedSkillCache {
     /// Prefills into the prefix cache (or finds there) the own KV of every skill in `skills`
     /// (in prompt order) that is reusable but not pinned, and marks those found already cached
     /// ([`ResolvedSkill::cached`]). A skill the engine cannot prefill (it refused, or stopped)
-    /// is computed in context, as without this step.
+    /// is computed in context, as without this step. Nothing is prefilled while the engine's
+    /// waiting queue is full: the request is about to be refused with 429.
     pub async fn prepare(
         &self,
         engine: &EngineHandle,
         skills: &mut [(ResolvedSkill, Range<usize>)],
     ) {
+        if engine.waiting_is_full() {
+            return;
+        }
         let wanted: Vec<usize> = skills
             .iter()
             .enumerate()
@@ -158,19 +162,18 @@ mod tests {
     use crate::skills::SkillVersion;
 
     fn engine() -> EngineHandle {
+        engine_with(EngineConfig {
+            kv_cache: KvCacheSize::Blocks(64),
+            ..EngineConfig::default()
+        })
+    }
+
+    fn engine_with(config: EngineConfig) -> EngineHandle {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("tiny.gguf");
         write_tiny_gguf(&path, &TinyModelSpec::default()).expect("tiny model");
         let loaded = LlamaModel::load(&path, &LoadOptions::default()).expect("loads");
-        Engine::start(
-            Arc::new(loaded.model),
-            None,
-            EngineConfig {
-                kv_cache: KvCacheSize::Blocks(64),
-                ..EngineConfig::default()
-            },
-        )
-        .expect("engine starts")
+        Engine::start(Arc::new(loaded.model), None, config).expect("engine starts")
     }
 
     fn skill(name: &str, warm: bool, assembly: Assembly) -> ResolvedSkill {
@@ -234,5 +237,20 @@ mod tests {
         cache.prepare(&engine, &mut skills).await;
         let cached: Vec<bool> = skills.iter().map(|(s, _)| s.cached).collect();
         assert_eq!(cached, vec![false, false, true]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_prefilled_for_a_request_the_engine_will_refuse() {
+        let engine = engine_with(EngineConfig {
+            kv_cache: KvCacheSize::Blocks(64),
+            max_waiting: 0,
+            ..EngineConfig::default()
+        });
+        assert!(engine.waiting_is_full());
+        let cache = UnpinnedSkillCache::default();
+        let mut skills = vec![(skill("gamma", false, Assembly::Modular), 0..40)];
+        cache.prepare(&engine, &mut skills).await;
+        let stats = engine.kv_stats().await.expect("stats");
+        assert_eq!(stats.cached, 0, "{stats:?}");
     }
 }

@@ -148,6 +148,12 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
+    /// Whether `max_waiting` requests already wait, so that [`Self::submit`] would answer
+    /// [`SubmitError::Overloaded`] now.
+    pub fn waiting_is_full(&self) -> bool {
+        self.shared.waiting_new.load(Ordering::Acquire) >= self.shared.config.max_waiting
+    }
+
     /// Queues a generation. Answers at once: [`SubmitError::Overloaded`] when `max_waiting`
     /// requests already wait.
     pub fn submit(&self, request: GenerateRequest) -> Result<GenerationStream, SubmitError> {
