@@ -90,6 +90,22 @@ fn request(
     token: &str,
     body: Option<&Value>,
 ) -> (u16, Vec<(String, String)>, Value) {
+    let (status, headers, body) = exchange(address, method, path, token, body);
+    (
+        status,
+        headers,
+        serde_json::from_str(&body).unwrap_or(Value::Null),
+    )
+}
+
+/// One HTTP/1.1 exchange: status, lower-case headers and the body as text.
+fn exchange(
+    address: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<&Value>,
+) -> (u16, Vec<(String, String)>, String) {
     let body = body.map(Value::to_string).unwrap_or_default();
     let mut stream = TcpStream::connect(address).expect("connects");
     stream
@@ -115,8 +131,7 @@ fn request(
         .filter_map(|line| line.split_once(':'))
         .map(|(name, value)| (name.to_ascii_lowercase(), value.trim().to_string()))
         .collect();
-    let body = serde_json::from_str(body).unwrap_or(Value::Null);
-    (status, headers, body)
+    (status, headers, body.to_string())
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
@@ -248,4 +263,10 @@ fn a_modular_skill_is_reported_and_not_counted_as_cached() {
     assert_eq!(status, 200, "{body}");
     let cache = header(&headers, "x-skillkv-cache");
     assert!(cache.ends_with("warm=alpha; cached=gamma"), "{cache}");
+    let (status, _, metrics) = exchange(&daemon.public, "GET", "/metrics", API_KEY, None);
+    assert_eq!(status, 200);
+    for outcome in ["prefilled", "cached"] {
+        let line = format!("skillkv_unpinned_skill_prefills_total{{outcome=\"{outcome}\"}} 1");
+        assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
+    }
 }

@@ -20,6 +20,7 @@ use crate::engine::EngineStats;
 use crate::server::AppState;
 use crate::server::errors::ApiError;
 use crate::server::skill_metrics::SkillMetrics;
+use crate::skills::UnpinnedPrepared;
 use crate::telemetry::GpuSample;
 
 /// Why the metrics could not be set up or rendered.
@@ -43,6 +44,7 @@ pub struct Metrics {
     prompt_tokens: IntCounter,
     completion_tokens: IntCounter,
     cached_tokens: IntCounter,
+    unpinned_skills: IntCounterVec,
     kv_blocks: IntGaugeVec,
     hit_ratio: Gauge,
     running: IntGauge,
@@ -113,6 +115,14 @@ impl Metrics {
                 "skillkv_cached_prompt_tokens_total",
                 "Prompt tokens served from the prefix cache",
             )?,
+            unpinned_skills: IntCounterVec::new(
+                Opts::new(
+                    "skillkv_unpinned_skill_prefills_total",
+                    "Skills a request used that this daemon does not pin, by what their own KV \
+                     needed: found cached, prefilled, failed, or skipped (engine overloaded)",
+                ),
+                &["outcome"],
+            )?,
             kv_blocks: IntGaugeVec::new(
                 Opts::new(
                     "skillkv_kv_blocks",
@@ -174,6 +184,7 @@ impl Metrics {
             Box::new(metrics.prompt_tokens.clone()),
             Box::new(metrics.completion_tokens.clone()),
             Box::new(metrics.cached_tokens.clone()),
+            Box::new(metrics.unpinned_skills.clone()),
             Box::new(metrics.kv_blocks.clone()),
             Box::new(metrics.hit_ratio.clone()),
             Box::new(metrics.running.clone()),
@@ -191,6 +202,22 @@ impl Metrics {
             metrics.registry.register(collector)?;
         }
         Ok(metrics)
+    }
+
+    /// Counts what one request's unpinned skills needed ([`UnpinnedPrepared`]).
+    pub fn record_unpinned_skills(&self, prepared: &UnpinnedPrepared) {
+        for (outcome, count) in [
+            ("cached", prepared.cached),
+            ("prefilled", prepared.prefilled),
+            ("failed", prepared.failed),
+            ("skipped", prepared.skipped),
+        ] {
+            if count > 0 {
+                self.unpinned_skills
+                    .with_label_values(&[outcome])
+                    .inc_by(count as u64);
+            }
+        }
     }
 
     /// Counts one finished generation's tokens and latencies.

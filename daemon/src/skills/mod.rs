@@ -20,4 +20,4 @@ pub use registry::{
     SkillVersion, SkillsConfig,
 };
 pub use store::{SkillStore, StoreIdentity};
-pub use unpinned::UnpinnedSkillCache;
+pub use unpinned::{UnpinnedPrepared, UnpinnedSkillCache};

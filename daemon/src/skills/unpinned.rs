@@ -34,6 +34,20 @@ use crate::skills::ResolvedSkill;
 
 type SharedPrefill = Shared<BoxFuture<'static, Result<CachedPrefix, PinError>>>;
 
+/// What [`UnpinnedSkillCache::prepare`] did with one request's unpinned skills (those whose
+/// segment is served from their own KV), for the metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UnpinnedPrepared {
+    /// Found in the prefix cache already.
+    pub cached: usize,
+    /// Prefilled on their own now.
+    pub prefilled: usize,
+    /// The engine could not prefill them; computed in context.
+    pub failed: usize,
+    /// Not looked at: the engine's waiting queue was full.
+    pub skipped: usize,
+}
+
 /// The prefills of unpinned skills in flight, one per skill version (by content hash), shared
 /// by every request that needs the skill meanwhile.
 #[derive(Default)]
@@ -95,10 +109,8 @@ impl UnpinnedSkillCache {
         &self,
         engine: &EngineHandle,
         skills: &mut [(ResolvedSkill, Range<usize>)],
-    ) {
-        if engine.waiting_is_full() {
-            return;
-        }
+    ) -> UnpinnedPrepared {
+        let mut prepared = UnpinnedPrepared::default();
         let wanted: Vec<usize> = skills
             .iter()
             .enumerate()
@@ -109,6 +121,10 @@ impl UnpinnedSkillCache {
             })
             .map(|(index, _)| index)
             .collect();
+        if engine.waiting_is_full() {
+            prepared.skipped = wanted.len();
+            return prepared;
+        }
         let prefills: Vec<(String, SharedPrefill)> = wanted
             .iter()
             .map(|&index| self.prefill(engine, &skills[index].0))
@@ -131,6 +147,11 @@ impl UnpinnedSkillCache {
             match outcome {
                 Ok(prefix) => {
                     skill.cached = prefix.was_cached();
+                    if skill.cached {
+                        prepared.cached += 1;
+                    } else {
+                        prepared.prefilled += 1;
+                    }
                     tracing::debug!(
                         skill = %skill.name,
                         cached = skill.cached,
@@ -138,13 +159,17 @@ impl UnpinnedSkillCache {
                         "unpinned skill's KV in the prefix cache"
                     );
                 }
-                Err(error) => tracing::warn!(
-                    skill = %skill.name,
-                    error = %error,
-                    "could not prefill an unpinned skill on its own; computing it in context"
-                ),
+                Err(error) => {
+                    prepared.failed += 1;
+                    tracing::warn!(
+                        skill = %skill.name,
+                        error = %error,
+                        "could not prefill an unpinned skill on its own; computing it in context"
+                    );
+                }
             }
         }
+        prepared
     }
 }
 
@@ -193,6 +218,16 @@ mod tests {
         }
     }
 
+    /// (cached, prefilled, failed, skipped)
+    fn counts(prepared: UnpinnedPrepared) -> (usize, usize, usize, usize) {
+        (
+            prepared.cached,
+            prepared.prefilled,
+            prepared.failed,
+            prepared.skipped,
+        )
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn requests_needing_the_same_skill_share_one_prefill_and_then_find_it_cached() {
         let engine = engine();
@@ -204,7 +239,8 @@ mod tests {
 
         // This request joins the prefill in flight: not found cached, but cached now.
         let mut skills = vec![(gamma.clone(), 0..40)];
-        cache.prepare(&engine, &mut skills).await;
+        let prepared = cache.prepare(&engine, &mut skills).await;
+        assert_eq!(counts(prepared), (0, 1, 0, 0));
         assert!(!skills[0].0.cached);
         assert_eq!(cache.lock().len(), 0);
         let stats = engine.kv_stats().await.expect("stats");
@@ -215,7 +251,8 @@ mod tests {
         );
 
         let mut again = vec![(gamma, 0..40)];
-        cache.prepare(&engine, &mut again).await;
+        let prepared = cache.prepare(&engine, &mut again).await;
+        assert_eq!(counts(prepared), (1, 0, 0, 0));
         assert!(again[0].0.cached);
     }
 
@@ -230,11 +267,13 @@ mod tests {
             (skill("beta", false, Assembly::Exact), 40..80),
             (skill("gamma", false, Assembly::Modular), 80..120),
         ];
-        cache.prepare(&engine, &mut skills).await;
+        let prepared = cache.prepare(&engine, &mut skills).await;
+        assert_eq!(counts(prepared), (0, 1, 0, 0));
         let stats = engine.kv_stats().await.expect("stats");
         // Only gamma's two full blocks were prefilled.
         assert_eq!(stats.cached, 2, "{stats:?}");
-        cache.prepare(&engine, &mut skills).await;
+        let prepared = cache.prepare(&engine, &mut skills).await;
+        assert_eq!(counts(prepared), (1, 0, 0, 0));
         let cached: Vec<bool> = skills.iter().map(|(s, _)| s.cached).collect();
         assert_eq!(cached, vec![false, false, true]);
     }
@@ -249,7 +288,8 @@ mod tests {
         assert!(engine.waiting_is_full());
         let cache = UnpinnedSkillCache::default();
         let mut skills = vec![(skill("gamma", false, Assembly::Modular), 0..40)];
-        cache.prepare(&engine, &mut skills).await;
+        let prepared = cache.prepare(&engine, &mut skills).await;
+        assert_eq!(counts(prepared), (0, 0, 0, 1));
         let stats = engine.kv_stats().await.expect("stats");
         assert_eq!(stats.cached, 0, "{stats:?}");
     }

@@ -135,10 +135,11 @@ pub async fn create(
         skills: resolved.into_iter().zip(prompt.skill_spans).collect(),
         detected: selection == SkillSelection::Auto,
     };
-    serving
+    let prepared = serving
         .unpinned
         .prepare(&serving.engine, &mut skills.skills)
         .await;
+    state.metrics.record_unpinned_skills(&prepared);
     let generation = Generation::start(&state, &request_id, prompt.tokens, skills, sampling)?;
     let header = generation.cache_header();
     let id = format!("chatcmpl-{request_id}");
