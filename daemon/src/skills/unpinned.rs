@@ -178,6 +178,7 @@ mod tests {
     use std::path::Path;
     use std::sync::Arc;
 
+    use skillkv_api::block_hash::HashNamespace;
     use skillkv_api::skills::SkillDocument;
 
     use super::*;
@@ -207,10 +208,11 @@ mod tests {
         let salt = name.len() as u32;
         ResolvedSkill {
             name: name.to_string(),
-            version: Arc::new(SkillVersion {
+            version: Arc::new(SkillVersion::new(
                 document,
-                prefix_tokens: (0..40).map(|i| (i * 7 + salt) % 250 + 3).collect(),
-            }),
+                (0..40).map(|i| (i * 7 + salt) % 250 + 3).collect(),
+                HashNamespace::default().root(),
+            )),
             warm,
             cached: false,
             assembly,

@@ -59,11 +59,13 @@ impl<M: ForwardModel> Scheduler<M> {
         }
         seq.extend_hashes();
         let len = seq.tokens.len();
-        if self.cache.matched_len(&seq.hashes) * BLOCK_SIZE < len {
+        // Looking the blocks up marks them used; a partial hit is looked up again at admission.
+        let found = self.cache.acquire_prefix(&seq.hashes);
+        let all_cached = found.len() * BLOCK_SIZE >= len;
+        self.cache.release_all(found);
+        if !all_cached {
             return Some(seq);
         }
-        let touched = self.cache.acquire_prefix(&seq.hashes);
-        self.cache.release_all(touched);
         if let Purpose::Cache(reply) = &mut seq.purpose
             && let Some(reply) = reply.take()
         {

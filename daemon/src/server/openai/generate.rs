@@ -361,6 +361,7 @@ pub fn log_prompt(state: &AppState, prompt: &str) {
 mod tests {
     use std::path::Path;
 
+    use skillkv_api::block_hash::HashNamespace;
     use skillkv_api::skills::SkillDocument;
     use skillkv_api::v1alpha1::Assembly;
 
@@ -372,10 +373,11 @@ mod tests {
         let document = SkillDocument::parse(Path::new("SKILL.md"), text).expect("parses");
         ResolvedSkill {
             name: name.to_string(),
-            version: Arc::new(SkillVersion {
+            version: Arc::new(SkillVersion::new(
                 document,
-                prefix_tokens: Vec::new(),
-            }),
+                Vec::new(),
+                HashNamespace::default().root(),
+            )),
             warm: true,
             cached: false,
             assembly,

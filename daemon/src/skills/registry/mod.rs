@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use skillkv_api::admin::{AdminEvent, SkillOrigin, SkillState};
-use skillkv_api::block_hash::block_hashes_from;
+use skillkv_api::block_hash::{BlockHash, block_hashes_from};
 use skillkv_api::skills::{DetectorConfig, SkillDetector, SkillDocument};
 use skillkv_api::v1alpha1::{Assembly, PlacementState};
 use tokio::sync::{Semaphore, broadcast, watch};
@@ -70,6 +70,21 @@ pub struct SkillVersion {
     pub document: SkillDocument,
     /// The tokens prefilled and pinned for it (`[system: SKILL.md]`).
     pub prefix_tokens: Vec<u32>,
+    /// The hash of the last full block of those tokens under the base model's namespace
+    /// (reported as the skill's `lastBlock`); `None` below one block.
+    pub last_block: Option<BlockHash>,
+}
+
+impl SkillVersion {
+    /// A version of `document` whose prefix is `prefix_tokens`, its blocks chained from `root`.
+    pub fn new(document: SkillDocument, prefix_tokens: Vec<u32>, root: BlockHash) -> Self {
+        let last_block = block_hashes_from(root, &prefix_tokens).last().copied();
+        Self {
+            document,
+            prefix_tokens,
+            last_block,
+        }
+    }
 }
 
 /// Per-skill usage counters, shared with requests that use the skill.
@@ -304,12 +319,7 @@ impl SkillRegistry {
             state: entry.state,
             message: entry.message.clone(),
             tokens,
-            last_block: block_hashes_from(
-                self.engine.namespace_root(None),
-                &entry.latest.prefix_tokens,
-            )
-            .last()
-            .copied(),
+            last_block: entry.latest.last_block,
             kv_bytes: (tokens * self.config.kv_bytes_per_token) as u64,
             prefill_millis: entry.serving.as_ref().map(|s| s.prefill_millis),
             hits: entry.counters.hits.load(Ordering::Relaxed),
@@ -386,10 +396,11 @@ impl SkillRegistry {
                 Some(format!("cannot tokenize the skill: {error}")),
             ),
         };
-        let version = Arc::new(SkillVersion {
-            document: update.document,
+        let version = Arc::new(SkillVersion::new(
+            update.document,
             prefix_tokens,
-        });
+            self.engine.namespace_root(None),
+        ));
         state.next_revision += 1;
         let revision = state.next_revision;
         let (phase, message) = match failure {
