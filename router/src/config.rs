@@ -185,7 +185,7 @@ pub struct RouterArgs {
     /// Most backends one request is tried on (connect failures and 503 before the first byte).
     #[arg(long, default_value_t = 3)]
     pub max_attempts: usize,
-    /// Prefix blocks remembered per backend.
+    /// Most prefix blocks remembered per backend (fewer when its KV pool is smaller).
     #[arg(long, default_value_t = 65_536)]
     pub prefix_index_blocks: usize,
     /// Where backends, API keys and rate limits come from: `auto`, `static` or `kubernetes`.
@@ -276,7 +276,7 @@ pub struct RouterConfig {
     pub max_attempts: usize,
     /// Time allowed to open a connection to a backend.
     pub connect_timeout: Duration,
-    /// Prefix blocks remembered per backend.
+    /// Most prefix blocks remembered per backend (fewer when its KV pool is smaller).
     pub prefix_index_blocks: usize,
     /// Longest wait between reconnects of an admin event stream.
     pub max_reconnect_backoff: Duration,

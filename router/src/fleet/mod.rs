@@ -144,6 +144,8 @@ impl Pod {
         state.stream_up = true;
         state.avoid_until = None;
         state.model = Some(snapshot.model);
+        state.prefix.clear();
+        state.prefix.fit_to_pool(snapshot.kv_budget.total_blocks);
         state.kv_budget = Some(snapshot.kv_budget);
         state.load = snapshot.load;
         state.adapters = snapshot
@@ -157,9 +159,22 @@ impl Pod {
             .into_iter()
             .map(|s| (s.name.clone(), s))
             .collect();
-        state.prefix.clear();
         drop(state);
         self.skills_changed();
+    }
+
+    /// A request needing `skills` was routed here: the last block of each skill's own KV
+    /// becomes the most recently used in the prefix index, as the daemon's cache marks the
+    /// blocks a request reuses (a hit emits no event), so a skill cached here and in use is
+    /// not the first the index forgets.
+    pub fn note_routed(&self, skills: &[String]) {
+        let mut state = self.state();
+        let state = &mut *state;
+        for name in skills {
+            if let Some(block) = state.skills.get(name).and_then(|skill| skill.last_block) {
+                state.prefix.touch(&block);
+            }
+        }
     }
 
     /// Applies one event. `EventsMissed` clears the prefix index; the caller re-reads the

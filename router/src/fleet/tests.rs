@@ -202,6 +202,45 @@ fn an_unpinned_skill_counts_as_warm_where_its_kv_is_cached() {
 }
 
 #[test]
+fn the_prefix_index_fits_the_pool_and_keeps_a_skill_in_use() {
+    let fleet = fleet(1);
+    let pod = &fleet.pods()[0];
+    let skill_blocks = namespace().block_hashes(&(100..132).collect::<Vec<u32>>());
+    let etl = SkillState {
+        last_block: skill_blocks.last().copied(),
+        ..skill("etl", PlacementState::Unpinned, "")
+    };
+    let mut small_pool = snapshot("m", vec![etl]);
+    small_pool.kv_budget.total_blocks = 4;
+    pod.apply_snapshot(small_pool);
+    assert_eq!(
+        pod.state().prefix.capacity(),
+        4,
+        "the pool, under the limit of 128"
+    );
+    let store = |hash: BlockHash, parent: Option<BlockHash>| {
+        pod.apply_event(AdminEvent::BlockStored { hash, parent });
+    };
+    store(skill_blocks[0], None);
+    store(skill_blocks[1], Some(skill_blocks[0]));
+    let others = namespace().block_hashes(&(500..564).collect::<Vec<u32>>());
+    let pool = fleet.pool("m");
+    let names = ["etl".to_string()];
+    let etl_ready = || fleet.candidates(&pool, &names, None, Instant::now())[0].skills_ready;
+    for (i, other) in others.iter().enumerate() {
+        // Each request for the skill refreshes its last block, as the daemon's LRU does.
+        pod.note_routed(&names);
+        store(*other, i.checked_sub(1).map(|p| others[p]));
+        assert_eq!(etl_ready(), 1, "still warm after {} other blocks", i + 1);
+    }
+    // Without requests for it, newer blocks push it out of the index.
+    for (i, other) in others.iter().enumerate().take(3) {
+        store(*other, i.checked_sub(1).map(|p| others[p]));
+    }
+    assert_eq!(etl_ready(), 0);
+}
+
+#[test]
 fn the_detector_follows_skill_changes() {
     let fleet = fleet(1);
     let pod = &fleet.pods()[0];
