@@ -53,6 +53,8 @@ pub struct Dispatch {
     pub request_id: String,
     /// The model.
     pub model: String,
+    /// The skills it needs: each pod it is sent to counts their KV as just used.
+    pub skills: Vec<String>,
     /// Where to send it.
     pub decision: Decision,
     /// Its rate-limit admission.
@@ -107,6 +109,7 @@ pub async fn forward(
                 .overhead
                 .observe(dispatch.started.elapsed().as_secs_f64());
         }
+        pod.note_routed(&dispatch.skills);
         let in_flight = pod.start_request();
         match shared.client.request(request).await {
             Err(error) => {

@@ -215,9 +215,6 @@ async fn route_and_forward(
         .decisions
         .with_label_values(&[decision.reason.as_str()])
         .inc();
-    if let Some(first) = decision.order.first().and_then(|&pod| state.fleet.pod(pod)) {
-        first.note_routed(&skills);
-    }
     tracing::debug!(model = %summary.model, ?skills, reason = decision.reason.as_str(), order = ?decision.order, key = ?caller.key_name, "routed");
     forward(
         state,
@@ -227,6 +224,7 @@ async fn route_and_forward(
             body,
             request_id,
             model: summary.model,
+            skills,
             decision,
             admission,
             started,

@@ -163,10 +163,10 @@ impl Pod {
         self.skills_changed();
     }
 
-    /// A request needing `skills` was routed here: the last block of each skill's own KV
-    /// becomes the most recently used in the prefix index, as the daemon's cache marks the
-    /// blocks a request reuses (a hit emits no event), so a skill cached here and in use is
-    /// not the first the index forgets.
+    /// A request needing `skills` is sent here (each attempt): the last block of each skill's
+    /// own KV becomes the most recently used in the prefix index, as the daemon's cache marks
+    /// the blocks a request reuses (a hit emits no event), so a skill cached here and in use
+    /// is not the first the index forgets.
     pub fn note_routed(&self, skills: &[String]) {
         let mut state = self.state();
         let state = &mut *state;
