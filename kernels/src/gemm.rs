@@ -84,6 +84,14 @@ pub enum GpuOpError {
         /// The dimension.
         value: usize,
     },
+    /// A buffer belongs to another device's context.
+    #[error("a buffer of device {buffer_device} was given to device {device}")]
+    ForeignBuffer {
+        /// The device the buffer belongs to.
+        buffer_device: usize,
+        /// The device asked to use it.
+        device: usize,
+    },
 }
 
 /// Free and total memory of a device, bytes (the driver's `cuMemGetInfo`).
@@ -248,6 +256,34 @@ impl GpuDevice {
             .stream
             .alloc_zeros::<f32>(rows * matrix.outputs)
             .map_err(driver("allocate the output rows"))?;
+        self.matmul_resident(matrix, &x, rows, &mut y)?;
+        let output = self
+            .stream
+            .clone_dtoh(&y)
+            .map_err(driver("download the output rows"))?;
+        self.stream
+            .synchronize()
+            .map_err(driver("synchronise the stream"))?;
+        Ok(output)
+    }
+
+    /// `y [rows][outputs] = x [rows][inputs] · matrixᵀ` with both rows already on the device
+    /// (queued on the device's stream; nothing is copied or synchronised).
+    pub fn matmul_resident(
+        &self,
+        matrix: &DeviceMatrix,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuOpError> {
+        check_shape(x.len(), rows, matrix.inputs)?;
+        check_shape(y.len(), rows, matrix.outputs)?;
+        for buffer in [matrix.weights.context(), x.context(), y.context()] {
+            self.check_context(buffer)?;
+        }
+        if rows == 0 {
+            return Ok(());
+        }
         // cuBLAS is column-major: the row-major output [rows][outputs] is the column-major
         // [outputs][rows] matrix W·Xᵀ, where the row-major weight [outputs][inputs] is read
         // transposed (column-major [inputs][outputs]) and the row-major input [rows][inputs]
@@ -267,17 +303,31 @@ impl GpuDevice {
         #[allow(unsafe_code)]
         // SAFETY: FFI into cuBLAS SGEMM. The buffers live on this device and stream and are
         // exactly the sizes the configuration reads and writes: A is outputs×inputs, B is
-        // rows×inputs (checked above), C is rows×outputs (allocated above); every dimension
+        // rows×inputs and C is rows×outputs (both checked above); every dimension
         // fits an i32 (checked by `cublas_int`).
-        unsafe { self.blas.gemm(config, &matrix.weights, &x, &mut y) }.map_err(GpuOpError::Gemm)?;
-        let output = self
-            .stream
-            .clone_dtoh(&y)
-            .map_err(driver("download the output rows"))?;
-        self.stream
-            .synchronize()
-            .map_err(driver("synchronise the stream"))?;
-        Ok(output)
+        unsafe { self.blas.gemm(config, &matrix.weights, x, y) }.map_err(GpuOpError::Gemm)
+    }
+
+    /// An error unless `context` is this device's.
+    pub fn check_context(&self, context: &Arc<CudaContext>) -> Result<(), GpuOpError> {
+        if Arc::ptr_eq(context, &self.ctx) {
+            Ok(())
+        } else {
+            Err(GpuOpError::ForeignBuffer {
+                buffer_device: context.ordinal(),
+                device: self.ordinal,
+            })
+        }
+    }
+
+    /// The stream every operation of this device is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device's context (for loading kernels into it).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
     }
 }
 

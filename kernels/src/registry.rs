@@ -35,7 +35,7 @@ impl KernelSource {
     }
 }
 
-/// Embedding gather, RMSNorm, SwiGLU, residual add, argmax.
+/// Embedding gather, RMSNorm, SwiGLU, residual add, column gather, argmax.
 pub const ELEMENTWISE: KernelSource = KernelSource {
     name: "elementwise",
     source: include_str!("cuda/elementwise.cu"),
@@ -44,6 +44,7 @@ pub const ELEMENTWISE: KernelSource = KernelSource {
         "rms_norm_f32",
         "silu_mul_f32",
         "add_in_place_f32",
+        "gather_columns_f32",
         "argmax_f32",
     ],
 };

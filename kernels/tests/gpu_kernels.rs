@@ -181,6 +181,26 @@ fn elementwise_kernels_match_their_references() {
     elementwise::add_in_place(&mut residual, &delta);
     assert_eq!(gpu.download(&d_residual), residual);
 
+    // The Q part (columns 64..128 of 160-wide rows, as in fused QKV rows).
+    let (stride, offset, width) = (160usize, 64usize, 64usize);
+    let fused = rng.f32s(rows * stride, 4.0);
+    let d_fused = gpu.upload(&fused);
+    let mut d_columns = gpu.stream.alloc_zeros::<f32>(rows * width).unwrap();
+    let dims = [stride, offset, width].map(|v| v as i32);
+    let f = gpu.function("gather_columns_f32");
+    let mut args = gpu.stream.launch_builder(&f);
+    args.arg(&d_fused)
+        .arg(&mut d_columns)
+        .arg(&rows_i)
+        .arg(&dims[0])
+        .arg(&dims[1])
+        .arg(&dims[2]);
+    launch(&mut args, elements(rows * width));
+    assert_eq!(
+        gpu.download(&d_columns),
+        elementwise::gather_columns(&fused, rows, stride, offset, width)
+    );
+
     // Argmax with ties (a copied maximum), NaN and an all-NaN row.
     let vocab_i = vocab as i32;
     let mut logits = rng.f32s(rows * vocab, 10.0);

@@ -55,6 +55,20 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate_up,
 }
 
 // residual += delta, element-wise. One thread per element.
+// Columns `col_offset .. col_offset + width` of each row of `src` (rows `src_stride` floats
+// apart) into the contiguous `[rows][width]` output, e.g. the Q part of fused QKV rows.
+extern "C" __global__ void gather_columns_f32(const float* __restrict__ src,
+                                              float* __restrict__ out, int rows, int src_stride,
+                                              int col_offset, int width) {
+    const size_t index = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= (size_t)rows * width) {
+        return;
+    }
+    const size_t row = index / width;
+    const size_t col = index % width;
+    out[index] = src[row * src_stride + col_offset + col];
+}
+
 extern "C" __global__ void add_in_place_f32(float* __restrict__ residual,
                                             const float* __restrict__ delta, int n) {
     const int index = blockIdx.x * blockDim.x + threadIdx.x;

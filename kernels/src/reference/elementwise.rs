@@ -1,5 +1,5 @@
-//! Row-wise and element-wise references: embedding gather, RMSNorm, SwiGLU, residual add and
-//! greedy argmax (kernels in `cuda/elementwise.cu`). The daemon's CPU backend uses `rms_norm`
+//! Row-wise and element-wise references: embedding gather, RMSNorm, SwiGLU, residual add, column
+//! gather and greedy argmax (kernels in `cuda/elementwise.cu`). The daemon's CPU backend uses `rms_norm`
 //! and `add_in_place` from here; its SwiGLU uses a vectorised `exp` and agrees with `silu_mul`
 //! within rounding, not bit for bit.
 
@@ -49,6 +49,26 @@ pub fn add_in_place(residual: &mut [f32], delta: &[f32]) {
     for (r, d) in residual.iter_mut().zip(delta) {
         *r += d;
     }
+}
+
+/// Columns `col_offset .. col_offset + width` of each of `rows` rows of `src` (rows
+/// `src_stride` floats apart), as contiguous `[rows][width]` rows.
+///
+/// # Panics
+/// When a row reaches past `src`.
+pub fn gather_columns(
+    src: &[f32],
+    rows: usize,
+    src_stride: usize,
+    col_offset: usize,
+    width: usize,
+) -> Vec<f32> {
+    (0..rows)
+        .flat_map(|row| {
+            let start = row * src_stride + col_offset;
+            src[start..start + width].iter().copied()
+        })
+        .collect()
 }
 
 /// For each row of `vocab` logits, the index of the largest non-NaN value, the lowest index on
@@ -108,6 +128,14 @@ mod tests {
         let mut residual = vec![1.0, 2.0, 3.0];
         add_in_place(&mut residual, &[0.5, -2.0, 0.0]);
         assert_eq!(residual, vec![1.5, 0.0, 3.0]);
+    }
+
+    #[test]
+    fn gather_columns_takes_one_column_range_of_each_row() {
+        // Rows of 5: [q0 q1 | k0 | v0 v1], take the Q part and the V part.
+        let src = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0];
+        assert_eq!(gather_columns(&src, 2, 5, 0, 2), [1.0, 2.0, 6.0, 7.0]);
+        assert_eq!(gather_columns(&src, 2, 5, 3, 2), [4.0, 5.0, 9.0, 10.0]);
     }
 
     #[test]

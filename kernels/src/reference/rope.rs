@@ -105,11 +105,42 @@ impl RopeTable {
         col_offset: usize,
         n_heads: usize,
     ) {
-        let width = n_heads * 2 * self.pairs();
-        for (row, &position) in positions.iter().enumerate() {
-            let start = row * row_stride + col_offset;
-            self.rotate(&mut x[start..start + width], position as usize);
-        }
+        apply_with_tables(
+            x,
+            positions,
+            (&self.cos, &self.sin),
+            self.pairs(),
+            row_stride,
+            col_offset,
+            n_heads,
+        );
+    }
+}
+
+/// [`RopeTable::apply`] with the `[position][pair]` cosine and sine tables given apart, as a
+/// device keeps them ([`RopeTable::cos_table`], [`RopeTable::sin_table`]); heads are
+/// `2 * pairs` wide.
+///
+/// # Panics
+/// When a position is outside the tables or a row reaches past `x`.
+pub fn apply_with_tables(
+    x: &mut [f32],
+    positions: &[u32],
+    (cos, sin): (&[f32], &[f32]),
+    pairs: usize,
+    row_stride: usize,
+    col_offset: usize,
+    n_heads: usize,
+) {
+    let width = n_heads * 2 * pairs;
+    for (row, &position) in positions.iter().enumerate() {
+        let start = row * row_stride + col_offset;
+        let angles = position as usize * pairs..(position as usize + 1) * pairs;
+        rotate_heads(
+            &mut x[start..start + width],
+            &cos[angles.clone()],
+            &sin[angles],
+        );
     }
 }
 
