@@ -86,3 +86,85 @@ fn cuda_forward_gives_the_cpu_greedy_tokens() {
         );
     }
 }
+
+/// The resident forward pass (activations and KV pool on the device, the `cuda/` kernels
+/// between cuBLAS projections) against the first CUDA backend (host attention, cuBLAS per
+/// projection): both multiply f32 activations by the same dense weights, so the logits agree
+/// closely (attention sums in another order) and greedy decoding gives the same tokens.
+#[test]
+fn resident_cuda_forward_matches_the_host_driven_cuda_backend() {
+    use std::sync::Arc;
+
+    use skillkv_daemon::engine::batch::{ForwardBatch, SeqChunk};
+    use skillkv_daemon::engine::device::EngineDevice;
+    use skillkv_daemon::engine::gguf::{GgufFile, ModelConfig};
+    use skillkv_daemon::engine::model::resident::ResidentLlama;
+    use skillkv_kernels::ops::cuda::CudaOps;
+
+    let selected = match select_device(DeviceRequest::Cuda(0)) {
+        Ok(selected) => selected,
+        Err(error) => return println!("skipped: no GPU ({error})"),
+    };
+    let EngineDevice::Cuda(device) = selected.device.clone() else {
+        return println!("skipped: no GPU (the CPU was selected)");
+    };
+    let path = real_model_path();
+    let baseline = LlamaModel::load(
+        &path,
+        &LoadOptions {
+            device: selected.device,
+            ..LoadOptions::default()
+        },
+    )
+    .expect("CUDA load");
+    let mut file = GgufFile::open(&path).expect("open");
+    file.check_supported().expect("supported");
+    let config = ModelConfig::from_gguf(&file.content).expect("config");
+    let ops = Arc::new(CudaOps::new(device).expect("kernels"));
+    let resident = ResidentLlama::load(ops, config, &mut file).expect("resident load");
+    let tokenizer = GgufTokenizer::from_gguf(&baseline.gguf).expect("tokenizer");
+    let mut prompt = tokenizer
+        .encode("<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n")
+        .expect("encode");
+    let blocks = contiguous_blocks(0, prompt.len() + STEPS);
+    let mut pool = resident.new_pool(blocks.len()).expect("pool");
+    let mut baseline_pool = KvPool::new(&baseline.config, blocks.len());
+    let mut start = 0;
+    for step in 0..STEPS {
+        let chunk = SeqChunk {
+            tokens: &prompt[start..],
+            start_pos: start,
+            block_table: &blocks,
+            want_logits: true,
+        };
+        let batch = ForwardBatch {
+            chunks: vec![chunk],
+        };
+        let ours = resident.forward(&batch, &mut pool).expect("resident");
+        let theirs = baseline
+            .model
+            .forward(&batch, &mut baseline_pool)
+            .expect("baseline");
+        let difference = max_abs_diff(&ours.logits[0], &theirs.logits[0]);
+        assert!(
+            difference < 1e-2,
+            "step {step}: logits differ by {difference}"
+        );
+        let (next, expected) = (
+            model_support::argmax(&ours.logits[0]),
+            model_support::argmax(&theirs.logits[0]),
+        );
+        if next != expected {
+            // Only a near tie of the baseline's own logits may part them; stop there.
+            let margin = theirs.logits[0][expected as usize] - theirs.logits[0][next as usize];
+            assert!(
+                margin <= 1e-2,
+                "step {step}: {next} against {expected}, margin {margin}"
+            );
+            return println!("resident: {step}/{STEPS} greedy tokens equal, then a near tie");
+        }
+        start = prompt.len();
+        prompt.push(next);
+    }
+    println!("resident: {STEPS}/{STEPS} greedy tokens equal the host-driven CUDA backend");
+}

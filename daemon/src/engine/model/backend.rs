@@ -88,6 +88,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// [`dequantize_stacked`] as row-major values with `(outputs, inputs)`, for backends that
+/// upload dense matrices.
+pub fn dequantize_stacked_rows(parts: &[QTensor]) -> candle_core::Result<(Vec<f32>, usize, usize)> {
+    let stacked = dequantize_stacked(parts)?;
+    let (outputs, inputs) = stacked.dims2()?;
+    Ok((stacked.flatten_all()?.to_vec1()?, outputs, inputs))
+}
+
 /// The `[Σ outputs, inputs]` f32 matrix of `parts` dequantized and stacked along the output
 /// dimension (fused projections), for backends that keep dense weights.
 pub fn dequantize_stacked(parts: &[QTensor]) -> candle_core::Result<Tensor> {

@@ -15,7 +15,7 @@ use candle_core::quantized::QTensor;
 use skillkv_kernels::gemm::{DeviceMatrix, GpuDevice};
 
 use crate::engine::model::backend::{
-    Backend, BackendOpError, PrepareWeightError, dequantize_stacked,
+    Backend, BackendOpError, PrepareWeightError, dequantize_stacked_rows,
 };
 
 /// Runs the projections on one CUDA device.
@@ -44,12 +44,7 @@ impl Backend for CudaBackend {
         parts: Vec<QTensor>,
     ) -> Result<DeviceMatrix, PrepareWeightError> {
         let error = PrepareWeightError::for_tensor(name, "cuda");
-        let stacked = dequantize_stacked(&parts).map_err(error)?;
-        let (outputs, inputs) = stacked.dims2().map_err(error)?;
-        let weights: Vec<f32> = stacked
-            .flatten_all()
-            .and_then(|t| t.to_vec1())
-            .map_err(error)?;
+        let (weights, outputs, inputs) = dequantize_stacked_rows(&parts).map_err(error)?;
         self.device
             .upload_matrix(&weights, outputs, inputs)
             .map_err(|source| error(candle_core::Error::wrap(source)))

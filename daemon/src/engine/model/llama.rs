@@ -4,6 +4,7 @@
 //! the (possibly tied) output head for the rows that want logits.
 
 use candle_core::Device;
+use skillkv_kernels::ops::KernelOpError;
 
 use crate::engine::batch::{BLOCK_SIZE, ForwardBatch, ForwardOutput};
 use crate::engine::gguf::{GgufFile, LoadModelError, ModelConfig};
@@ -72,17 +73,20 @@ pub enum ForwardError {
     /// A backend operation failed.
     #[error(transparent)]
     Backend(#[from] BackendOpError),
+    /// A kernel operation of the resident forward pass failed.
+    #[error(transparent)]
+    Kernel(#[from] KernelOpError),
 }
 
 /// Weights of one transformer block.
 #[derive(Debug)]
-struct LayerWeights<L> {
-    attn_norm: Vec<f32>,
-    qkv: L,
-    attn_output: L,
-    ffn_norm: Vec<f32>,
-    gate_up: L,
-    down: L,
+pub(super) struct LayerWeights<L> {
+    pub(super) attn_norm: Vec<f32>,
+    pub(super) qkv: L,
+    pub(super) attn_output: L,
+    pub(super) ffn_norm: Vec<f32>,
+    pub(super) gate_up: L,
+    pub(super) down: L,
 }
 
 /// A loaded Llama model on backend `B`.
@@ -90,11 +94,11 @@ struct LayerWeights<L> {
 pub struct Llama<B: Backend> {
     backend: B,
     config: ModelConfig,
-    embedding: Vec<f32>,
-    layers: Vec<LayerWeights<B::Linear>>,
-    output_norm: Vec<f32>,
-    output: B::Linear,
-    rope: RopeTable,
+    pub(super) embedding: Vec<f32>,
+    pub(super) layers: Vec<LayerWeights<B::Linear>>,
+    pub(super) output_norm: Vec<f32>,
+    pub(super) output: B::Linear,
+    pub(super) rope: RopeTable,
 }
 
 fn prepare_error(error: PrepareWeightError) -> LoadModelError {
@@ -189,10 +193,18 @@ impl<B: Backend> Llama<B> {
         &self.backend
     }
 
-    fn validate(&self, batch: &ForwardBatch<'_>, kv: &KvPool) -> Result<(), ForwardError> {
-        if kv.num_layers() != self.config.n_layers {
+    /// Checks `batch` against the model and a pool of `pool_layers` layers of `num_blocks`
+    /// blocks: non-empty chunks, tokens in the vocabulary, positions in the context, block
+    /// tables that cover every position with blocks of the pool.
+    pub(super) fn validate(
+        &self,
+        batch: &ForwardBatch<'_>,
+        pool_layers: usize,
+        num_blocks: usize,
+    ) -> Result<(), ForwardError> {
+        if pool_layers != self.config.n_layers {
             return Err(ForwardError::PoolMismatch {
-                pool_layers: kv.num_layers(),
+                pool_layers,
                 model_layers: self.config.n_layers,
             });
         }
@@ -229,12 +241,12 @@ impl<B: Backend> Llama<B> {
             }
             if let Some(&block) = chunk.block_table[..needed]
                 .iter()
-                .find(|&&block| block as usize >= kv.num_blocks())
+                .find(|&&block| block as usize >= num_blocks)
             {
                 return Err(ForwardError::BlockOutOfRange {
                     chunk: index,
                     block,
-                    num_blocks: kv.num_blocks(),
+                    num_blocks,
                 });
             }
         }
@@ -247,7 +259,7 @@ impl<B: Backend> Llama<B> {
         batch: &ForwardBatch<'_>,
         kv: &mut KvPool,
     ) -> Result<ForwardOutput, ForwardError> {
-        self.validate(batch, kv)?;
+        self.validate(batch, kv.num_layers(), kv.num_blocks())?;
         let c = &self.config;
         let mut chunks = Vec::with_capacity(batch.chunks.len());
         let mut positions = Vec::new();

@@ -11,6 +11,7 @@ pub mod int8;
 pub mod llama;
 pub mod matmul;
 pub mod ops;
+pub mod resident;
 
 use std::path::Path;
 
