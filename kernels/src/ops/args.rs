@@ -192,12 +192,36 @@ impl PackedChunks {
 
     /// Chunk `index` as the reference takes it (for host implementations).
     pub fn chunk(&self, index: usize) -> ChunkRows<'_> {
-        ChunkRows {
-            first_row: self.first_row[index] as usize,
-            len: self.len[index] as usize,
-            start_pos: self.start_pos[index] as usize,
-            block_table: &self.tables[index * self.max_blocks..(index + 1) * self.max_blocks],
-        }
+        unpack(
+            [&self.tables, &self.first_row, &self.len, &self.start_pos],
+            self.max_blocks,
+            index,
+        )
+    }
+}
+
+impl DeviceChunks<Vec<u32>> {
+    /// Chunk `index` as the reference takes it, from host buffers.
+    pub fn chunk(&self, index: usize) -> ChunkRows<'_> {
+        unpack(
+            [&self.tables, &self.first_row, &self.len, &self.start_pos],
+            self.max_blocks,
+            index,
+        )
+    }
+}
+
+/// Chunk `index` of packed `[tables, first_row, len, start_pos]` arrays.
+fn unpack<'a>(
+    [tables, first_row, len, start_pos]: [&'a [u32]; 4],
+    max_blocks: usize,
+    index: usize,
+) -> ChunkRows<'a> {
+    ChunkRows {
+        first_row: first_row[index] as usize,
+        len: len[index] as usize,
+        start_pos: start_pos[index] as usize,
+        block_table: &tables[index * max_blocks..(index + 1) * max_blocks],
     }
 }
 

@@ -73,15 +73,11 @@ impl CudaOps {
         })
     }
 
-    fn alloc<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-        &self,
-        op: &'static str,
-        len: usize,
-    ) -> Result<CudaSlice<T>, KernelOpError> {
+    fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, KernelOpError> {
         self.device
             .stream()
-            .alloc_zeros::<T>(len)
-            .map_err(|source| device_error(op, source))
+            .clone_htod(host)
+            .map_err(|source| device_error("upload", source))
     }
 }
 
@@ -161,21 +157,18 @@ impl KernelOps for CudaOps {
     }
 
     fn upload_f32(&self, host: &[f32]) -> Result<CudaSlice<f32>, KernelOpError> {
-        self.device
-            .stream()
-            .clone_htod(host)
-            .map_err(|source| device_error("upload", source))
+        self.upload(host)
     }
 
     fn upload_u32(&self, host: &[u32]) -> Result<CudaSlice<u32>, KernelOpError> {
-        self.device
-            .stream()
-            .clone_htod(host)
-            .map_err(|source| device_error("upload", source))
+        self.upload(host)
     }
 
     fn zeros_f32(&self, len: usize) -> Result<CudaSlice<f32>, KernelOpError> {
-        self.alloc("allocate", len)
+        self.device
+            .stream()
+            .alloc_zeros::<f32>(len)
+            .map_err(|source| device_error("allocate", source))
     }
 
     fn download_f32(&self, buffer: &CudaSlice<f32>) -> Result<Vec<f32>, KernelOpError> {

@@ -5,7 +5,6 @@
 
 use crate::ops::{
     ColumnRange, DeviceChunks, DeviceRope, HeadRange, Indices, KernelOpError, KernelOps,
-    PackedChunks,
 };
 use crate::reference::attention::{AttentionShape, ChunkRows, paged_attention};
 use crate::reference::kv::{KvShape, RowLayout, write_kv};
@@ -190,14 +189,7 @@ impl KernelOps for HostOps {
         shape: AttentionShape,
         out: &mut Vec<f32>,
     ) -> Result<(), KernelOpError> {
-        let packed = PackedChunks {
-            tables: chunks.tables().clone(),
-            first_row: chunks.first_row().clone(),
-            len: chunks.len().clone(),
-            start_pos: chunks.start_pos().clone(),
-            max_blocks: chunks.max_blocks(),
-        };
-        let rows: Vec<ChunkRows<'_>> = (0..chunks.n_chunks()).map(|i| packed.chunk(i)).collect();
+        let rows: Vec<ChunkRows<'_>> = (0..chunks.n_chunks()).map(|i| chunks.chunk(i)).collect();
         let attended = paged_attention(shape, queries, &rows, k_pool, v_pool);
         let width = shape.row_width();
         for chunk in &rows {

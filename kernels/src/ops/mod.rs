@@ -120,17 +120,9 @@ fn expect_within(
 
 /// `rows * width`, or an error naming `op` when it overflows.
 fn product(op: &'static str, rows: usize, width: usize) -> Result<usize, KernelOpError> {
-    rows.checked_mul(width)
-        .ok_or(KernelOpError::OutOfRange {
-            op,
-            what: "rows × width",
-            value: usize::MAX,
-            limit: i32::MAX as usize,
-        })
-        .and_then(|n| {
-            expect_within(op, "rows × width", n, i32::MAX as usize)?;
-            Ok(n)
-        })
+    let n = rows.saturating_mul(width);
+    expect_within(op, "rows × width", n, i32::MAX as usize)?;
+    Ok(n)
 }
 
 /// The operations of a Llama forward pass on buffers an implementation keeps. The provided
