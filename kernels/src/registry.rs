@@ -77,11 +77,11 @@ pub const ATTENTION: KernelSource = KernelSource {
     entry_points: &["paged_attention_decode_f32", "paged_attention_prefill_f32"],
 };
 
-/// KV writes and block copies.
+/// KV writes, block copies and token-row copies.
 pub const KV: KernelSource = KernelSource {
     name: "kv",
     source: include_str!("cuda/kv.cu"),
-    entry_points: &["kv_write_f32", "kv_block_copy_f32"],
+    entry_points: &["kv_write_f32", "kv_block_copy_f32", "kv_copy_rows_f32"],
 };
 
 /// Every kernel source of the crate.

@@ -367,6 +367,29 @@ fn kv_kernels_match_their_references_bit_for_bit() {
     launch(&mut args, elements(3 * shape.block_floats()));
     kv::copy_blocks(&mut k_pool, &src_blocks, &dst_blocks, shape.block_floats());
     assert_eq!(gpu.download(&d_k), k_pool);
+
+    // 23 token rows from slots of blocks 0..4 to distinct slots of blocks 5..9.
+    let src_slots: Vec<u32> = (0..23).map(|_| rng.below(4 * BLOCK_SIZE as u32)).collect();
+    let mut dst_slots: Vec<u32> = (5 * BLOCK_SIZE as u32..(n_blocks * BLOCK_SIZE) as u32).collect();
+    for i in (1..dst_slots.len()).rev() {
+        dst_slots.swap(i, rng.below(i as u32 + 1) as usize);
+    }
+    dst_slots.truncate(src_slots.len());
+    let (d_src_slots, d_dst_slots) = (gpu.upload(&src_slots), gpu.upload(&dst_slots));
+    let args_i = [src_slots.len(), shape.n_kv_heads, shape.head_dim].map(|v| v as i32);
+    let f = gpu.function("kv_copy_rows_f32");
+    let mut args = gpu.stream.launch_builder(&f);
+    args.arg(&mut d_k)
+        .arg(&mut d_v)
+        .arg(&d_src_slots)
+        .arg(&d_dst_slots);
+    for value in &args_i {
+        args.arg(value);
+    }
+    launch(&mut args, elements(src_slots.len() * shape.width()));
+    kv::copy_rows(&mut k_pool, &mut v_pool, &src_slots, &dst_slots, shape);
+    assert_eq!(gpu.download(&d_k), k_pool);
+    assert_eq!(gpu.download(&d_v), v_pool);
 }
 
 /// A pool of random K/V and block tables for `lens` sequences (distinct blocks each).
@@ -579,4 +602,68 @@ fn cublas_projection_matches_a_cpu_matmul() {
         assert_close(&format!("sgemm rows={rows}"), &got, &expected, 1e-4, 1e-4);
     }
     assert!(device.matmul(&matrix, &[0.0; 5], 1).is_err());
+}
+
+/// Pool maintenance through `ops`: a block copy, a row copy with re-rotation, a ranged upload;
+/// returns the K and V pools and a ranged download.
+fn pool_maintenance<K: skillkv_kernels::ops::PoolOps>(
+    ops: &K,
+    (k, v): (&[f32], &[f32]),
+    shape: KvShape,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let blocks = k.len() / shape.block_floats();
+    let slots = blocks * BLOCK_SIZE;
+    let (mut k_pool, mut v_pool) = (ops.upload_f32(k).unwrap(), ops.upload_f32(v).unwrap());
+    let src = ops.upload_indices(&[0, 2], blocks).unwrap();
+    let dst = ops.upload_indices(&[5, 6], blocks).unwrap();
+    ops.kv_copy_blocks((&mut k_pool, &mut v_pool), &src, &dst, shape.block_floats())
+        .unwrap();
+    // Positions 3..30 of table [1, 2] go to positions 9..36 of table [7, 3, 4], turned by 6.
+    let (src_table, dst_table) = ([1u32, 2], [7u32, 3, 4]);
+    let src_slots: Vec<u32> = (3..30).map(|p| kv::flat_slot(&src_table, p)).collect();
+    let dst_slots: Vec<u32> = (9..36).map(|p| kv::flat_slot(&dst_table, p)).collect();
+    let src_slots = ops.upload_indices(&src_slots, slots).unwrap();
+    let dst_slots = ops.upload_indices(&dst_slots, slots).unwrap();
+    ops.kv_copy_rows((&mut k_pool, &mut v_pool), &src_slots, &dst_slots, shape)
+        .unwrap();
+    let rope = RopeTable::new(shape.head_dim, 10_000.0, 1);
+    let rotation = ops.upload_rotation(&rope.delta(6)).unwrap();
+    let table = ops.upload_indices(&dst_table, blocks).unwrap();
+    ops.rope_rerotate_k(&mut k_pool, &table, 9..36, &rotation, shape)
+        .unwrap();
+    let patch: Vec<f32> = (0..shape.block_floats()).map(|i| i as f32).collect();
+    ops.upload_range(&mut v_pool, 8 * shape.block_floats(), &patch)
+        .unwrap();
+    let range = ops
+        .download_range(&k_pool, shape.block_floats()..3 * shape.block_floats())
+        .unwrap();
+    (
+        ops.download_f32(&k_pool).unwrap(),
+        ops.download_f32(&v_pool).unwrap(),
+        range,
+    )
+}
+
+#[test]
+fn pool_operations_on_the_gpu_match_the_host_ones() {
+    use skillkv_kernels::gemm::GpuDevice;
+    use skillkv_kernels::ops::cuda::CudaOps;
+    use skillkv_kernels::ops::host::HostOps;
+    let device = match GpuDevice::open(0) {
+        Ok(device) => Arc::new(device),
+        Err(error) => return println!("skipped: no GPU ({error})"),
+    };
+    let ops = CudaOps::new(device).expect("kernel loader");
+    let mut rng = Rng(11);
+    let shape = KvShape {
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+    let k = rng.f32s(9 * shape.block_floats(), 1.0);
+    let v = rng.f32s(9 * shape.block_floats(), 1.0);
+    let (gpu_k, gpu_v, gpu_range) = pool_maintenance(&ops, (&k, &v), shape);
+    let (host_k, host_v, host_range) = pool_maintenance(&HostOps, (&k, &v), shape);
+    assert_close("K after maintenance", &gpu_k, &host_k, 1e-6, 1e-6);
+    assert_eq!(gpu_v, host_v);
+    assert_eq!(gpu_range, host_range);
 }

@@ -44,3 +44,32 @@ extern "C" __global__ void kv_block_copy_f32(float* __restrict__ pool,
     pool[(size_t)dst_blocks[pair] * block_floats + offset] =
         pool[(size_t)src_blocks[pair] * block_floats + offset];
 }
+
+// Copies the K and V of single tokens: flat slot src_slots[r] (block * 16 + slot) to flat slot
+// dst_slots[r], for r < rows (modular skill assembly moves a segment's rows to another
+// position). Destinations must be distinct and no destination may also be a source. One thread
+// per (row, kv_head, dim).
+extern "C" __global__ void kv_copy_rows_f32(float* __restrict__ k_pool, float* __restrict__ v_pool,
+                                            const unsigned int* __restrict__ src_slots,
+                                            const unsigned int* __restrict__ dst_slots, int rows,
+                                            int n_kv_heads, int head_dim) {
+    const int width = n_kv_heads * head_dim;
+    const size_t index = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= (size_t)rows * width) {
+        return;
+    }
+    const size_t row = index / width;
+    const int column = (int)(index % width);
+    const int head = column / head_dim;
+    const int d = column % head_dim;
+    const size_t src_block = src_slots[row] / SKV_BLOCK_SIZE;
+    const int src_slot = (int)(src_slots[row] % SKV_BLOCK_SIZE);
+    const size_t dst_block = dst_slots[row] / SKV_BLOCK_SIZE;
+    const int dst_slot = (int)(dst_slots[row] % SKV_BLOCK_SIZE);
+    const size_t src_head = (src_block * n_kv_heads + head) * (size_t)head_dim * SKV_BLOCK_SIZE;
+    const size_t dst_head = (dst_block * n_kv_heads + head) * (size_t)head_dim * SKV_BLOCK_SIZE;
+    k_pool[dst_head + (size_t)d * SKV_BLOCK_SIZE + dst_slot] =
+        k_pool[src_head + (size_t)d * SKV_BLOCK_SIZE + src_slot];
+    v_pool[dst_head + (size_t)dst_slot * head_dim + d] =
+        v_pool[src_head + (size_t)src_slot * head_dim + d];
+}

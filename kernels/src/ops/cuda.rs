@@ -1,4 +1,4 @@
-//! [`KernelOps`] on one CUDA device: buffers are `CudaSlice`s on the device's stream, the
+//! [`KernelOps`] (and, in `pool`, [`PoolOps`](crate::ops::PoolOps)) on one CUDA device: buffers are `CudaSlice`s on the device's stream, the
 //! operations are the kernels of `cuda/` (compiled by NVRTC for the device, through a
 //! [`KernelLoader`]) and cuBLAS SGEMM ([`GpuDevice::matmul_resident`]). Operations are only
 //! queued: nothing synchronises until a download.
@@ -7,6 +7,8 @@
 //! supported shapes); this module adds the two checks only the device can make — every
 //! buffer belongs to this device's context, every size fits the kernels' `int` — and holds
 //! the crate's kernel-launch `unsafe`, one audited function.
+
+mod pool;
 
 use std::sync::Arc;
 

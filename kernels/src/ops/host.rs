@@ -3,11 +3,15 @@
 //! forward pass's orchestration where no GPU is (tests), and is the standard the CUDA
 //! implementation is compared with.
 
+use std::ops::Range;
+
 use crate::ops::{
-    ColumnRange, DeviceChunks, DeviceRope, HeadRange, Indices, KernelOpError, KernelOps,
+    ColumnRange, DeviceChunks, DeviceRope, DeviceRotation, HeadRange, Indices, KernelOpError,
+    KernelOps, PoolOps,
 };
 use crate::reference::attention::{AttentionShape, ChunkRows, paged_attention};
-use crate::reference::kv::{KvShape, RowLayout, write_kv};
+use crate::reference::kv::{self, KvShape, RowLayout, write_kv};
+use crate::reference::rope::PairRotation;
 use crate::reference::{elementwise, rope};
 
 /// The references as a [`KernelOps`] implementation.
@@ -196,6 +200,79 @@ impl KernelOps for HostOps {
             let range = chunk.first_row * width..(chunk.first_row + chunk.len) * width;
             out[range.clone()].copy_from_slice(&attended[range]);
         }
+        Ok(())
+    }
+}
+
+impl PoolOps for HostOps {
+    fn exec_kv_copy_blocks(
+        &self,
+        (k_pool, v_pool): (&mut Vec<f32>, &mut Vec<f32>),
+        src_blocks: &Indices<Vec<u32>>,
+        dst_blocks: &Indices<Vec<u32>>,
+        block_floats: usize,
+    ) -> Result<(), KernelOpError> {
+        for pool in [k_pool, v_pool] {
+            kv::copy_blocks(pool, src_blocks.buffer(), dst_blocks.buffer(), block_floats);
+        }
+        Ok(())
+    }
+
+    fn exec_kv_copy_rows(
+        &self,
+        (k_pool, v_pool): (&mut Vec<f32>, &mut Vec<f32>),
+        src_slots: &Indices<Vec<u32>>,
+        dst_slots: &Indices<Vec<u32>>,
+        shape: KvShape,
+    ) -> Result<(), KernelOpError> {
+        kv::copy_rows(
+            k_pool,
+            v_pool,
+            src_slots.buffer(),
+            dst_slots.buffer(),
+            shape,
+        );
+        Ok(())
+    }
+
+    fn exec_rope_rerotate_k(
+        &self,
+        k_pool: &mut Vec<f32>,
+        block_table: &Indices<Vec<u32>>,
+        positions: Range<usize>,
+        rotation: &DeviceRotation<Vec<f32>>,
+        shape: KvShape,
+    ) -> Result<(), KernelOpError> {
+        let rotation = PairRotation {
+            cos: rotation.cos().clone(),
+            sin: rotation.sin().clone(),
+        };
+        rope::rerotate_k(
+            k_pool,
+            block_table.buffer(),
+            positions.start,
+            positions.len(),
+            shape,
+            &rotation,
+        );
+        Ok(())
+    }
+
+    fn exec_download_range(
+        &self,
+        buffer: &Vec<f32>,
+        range: Range<usize>,
+    ) -> Result<Vec<f32>, KernelOpError> {
+        Ok(buffer[range].to_vec())
+    }
+
+    fn exec_upload_range(
+        &self,
+        buffer: &mut Vec<f32>,
+        offset: usize,
+        values: &[f32],
+    ) -> Result<(), KernelOpError> {
+        buffer[offset..offset + values.len()].copy_from_slice(values);
         Ok(())
     }
 }

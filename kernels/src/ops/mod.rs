@@ -11,14 +11,17 @@
 //! ([`Indices`], [`DeviceChunks`]) and carry the bound they were checked against; an
 //! operation then only compares bounds. The implementations' `exec_*` methods run an
 //! operation whose arguments the provided method of the same name has checked; callers use
-//! the provided methods.
+//! the provided methods. Maintenance of the KV pool beside the forward pass (block and row
+//! copies, re-rotation, ranged transfers) is the companion trait [`PoolOps`].
 
 mod args;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod host;
+pub mod pool;
 
 pub use args::{ColumnRange, DeviceChunks, DeviceRope, HeadRange, Indices, PackedChunks};
+pub use pool::{DeviceRotation, PoolOps};
 
 use crate::reference::attention::{AttentionShape, ChunkRows};
 use crate::reference::kv::{KvShape, RowLayout};
@@ -463,15 +466,7 @@ pub trait KernelOps: Send + Sync + std::fmt::Debug {
     ) -> Result<(), KernelOpError> {
         const OP: &str = "kv write";
         let (k_pool, v_pool) = pool;
-        expect_len(OP, "V pool", v_pool.len(), k_pool.len())?;
-        let block_floats = shape.block_floats();
-        let blocks = k_pool.len().checked_div(block_floats).unwrap_or(0);
-        expect_len(
-            OP,
-            "K pool",
-            k_pool.len(),
-            product(OP, blocks, block_floats)?,
-        )?;
+        let blocks = pool::pool_blocks(OP, k_pool.len(), v_pool.len(), shape.block_floats())?;
         expect_within(OP, "slot bound", slots.bound(), blocks * BLOCK_SIZE)?;
         let width = shape.width();
         for (what, offset) in [("K", layout.k_offset), ("V", layout.v_offset)] {

@@ -268,3 +268,115 @@ fn host_elementwise_operations_are_the_references() {
     ops.silu_mul(&x, 3, 2, &mut out).unwrap();
     assert_eq!(out, elementwise::silu_mul(&x, 2));
 }
+
+const POOL_SHAPE: KvShape = KvShape {
+    n_kv_heads: 2,
+    head_dim: 4,
+};
+
+#[test]
+fn pool_operations_refuse_foreign_blocks_slots_and_ranges() {
+    let ops = HostOps;
+    let floats = 3 * POOL_SHAPE.block_floats();
+    let (mut k, mut v) = (vec![0.0; floats], vec![0.0; floats]);
+    let blocks_ok = ops.upload_indices(&[0, 1], 3).unwrap();
+    let blocks_far = ops.upload_indices(&[0, 1], 4).unwrap();
+    let refused = ops
+        .kv_copy_blocks(
+            (&mut k, &mut v),
+            &blocks_ok,
+            &blocks_far,
+            POOL_SHAPE.block_floats(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            KernelOpError::OutOfRange {
+                value: 4,
+                limit: 3,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    let one = ops.upload_indices(&[5], 48).unwrap();
+    let refused = ops
+        .kv_copy_rows((&mut k, &mut v), &blocks_ok, &one, POOL_SHAPE)
+        .unwrap_err();
+    assert!(matches!(refused, KernelOpError::Length { .. }), "{refused}");
+    let mut short_v = vec![0.0; floats - 1];
+    let refused = ops
+        .kv_copy_rows((&mut k, &mut short_v), &one, &one, POOL_SHAPE)
+        .unwrap_err();
+    assert!(matches!(refused, KernelOpError::Length { .. }), "{refused}");
+
+    let rope = RopeTable::new(POOL_SHAPE.head_dim, 10_000.0, 1);
+    let rotation = ops.upload_rotation(&rope.delta(3)).unwrap();
+    let table = ops.upload_indices(&[2, 0], 3).unwrap();
+    // The table covers 32 positions.
+    let refused = ops
+        .rope_rerotate_k(&mut k, &table, 20..33, &rotation, POOL_SHAPE)
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            KernelOpError::OutOfRange {
+                value: 33,
+                limit: 32,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    let wide = RopeTable::new(8, 10_000.0, 1);
+    let wrong = ops.upload_rotation(&wide.delta(3)).unwrap();
+    let refused = ops
+        .rope_rerotate_k(&mut k, &table, 0..4, &wrong, POOL_SHAPE)
+        .unwrap_err();
+    assert!(matches!(refused, KernelOpError::Length { .. }), "{refused}");
+
+    assert!(ops.download_range(&k, floats - 2..floats + 1).is_err());
+    assert!(ops.upload_range(&mut k, floats - 2, &[1.0; 3]).is_err());
+    assert!(ops.upload_range(&mut k, usize::MAX, &[1.0]).is_err());
+}
+
+#[test]
+fn host_pool_operations_follow_the_references() {
+    use crate::reference::kv::{copy_rows, flat_slot};
+    use crate::reference::rope::rerotate_k;
+    let ops = HostOps;
+    let floats = 4 * POOL_SHAPE.block_floats();
+    let k0: Vec<f32> = (0..floats).map(|i| (i % 13) as f32 - 6.0).collect();
+    let v0: Vec<f32> = k0.iter().map(|x| x * 0.5).collect();
+    let (mut k, mut v) = (k0.clone(), v0.clone());
+    let (src_table, dst_table) = ([0u32], [1u32, 2]);
+    let src: Vec<u32> = (2..12).map(|p| flat_slot(&src_table, p)).collect();
+    let dst: Vec<u32> = (12..22).map(|p| flat_slot(&dst_table, p)).collect();
+    let (src_i, dst_i) = (
+        ops.upload_indices(&src, 64).unwrap(),
+        ops.upload_indices(&dst, 64).unwrap(),
+    );
+    ops.kv_copy_rows((&mut k, &mut v), &src_i, &dst_i, POOL_SHAPE)
+        .unwrap();
+    let rope = RopeTable::new(POOL_SHAPE.head_dim, 10_000.0, 1);
+    let rotation = rope.delta(10);
+    let device_rotation = ops.upload_rotation(&rotation).unwrap();
+    let table = ops.upload_indices(&dst_table, 4).unwrap();
+    ops.rope_rerotate_k(&mut k, &table, 12..22, &device_rotation, POOL_SHAPE)
+        .unwrap();
+    let (mut expected_k, mut expected_v) = (k0, v0);
+    copy_rows(&mut expected_k, &mut expected_v, &src, &dst, POOL_SHAPE);
+    rerotate_k(&mut expected_k, &dst_table, 12, 10, POOL_SHAPE, &rotation);
+    assert_eq!(k, expected_k);
+    assert_eq!(v, expected_v);
+
+    let block = POOL_SHAPE.block_floats();
+    let patch: Vec<f32> = (0..block).map(|i| i as f32 * 2.0).collect();
+    ops.upload_range(&mut v, 3 * block, &patch).unwrap();
+    assert_eq!(ops.download_range(&v, 3 * block..4 * block).unwrap(), patch);
+    assert_eq!(
+        ops.download_range(&v, 0..3 * block).unwrap(),
+        expected_v[..3 * block]
+    );
+}

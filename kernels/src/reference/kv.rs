@@ -1,5 +1,5 @@
 //! KV pool references (kernels in `cuda/kv.cu`): writing tokens' K and V into their block
-//! slots and copying whole blocks, plus readers used by tests. One layer's K is
+//! slots, copying whole blocks and single token rows, plus readers used by tests. One layer's K is
 //! `[block][kv_head][head_dim][slot]` (transposed per block) and V
 //! `[block][kv_head][slot][head_dim]`.
 
@@ -78,6 +78,31 @@ pub fn copy_blocks(pool: &mut [f32], src_blocks: &[u32], dst_blocks: &[u32], blo
     }
 }
 
+/// `kv_copy_rows_f32`: copies the K and V of flat slot `src_slots[r]` onto flat slot
+/// `dst_slots[r]` (`block * 16 + slot`). Destinations must be distinct and none may be a
+/// source.
+pub fn copy_rows(
+    k_pool: &mut [f32],
+    v_pool: &mut [f32],
+    src_slots: &[u32],
+    dst_slots: &[u32],
+    shape: KvShape,
+) {
+    for (&src, &dst) in src_slots.iter().zip(dst_slots) {
+        let (src_block, src_slot) = (src as usize / BLOCK_SIZE, src as usize % BLOCK_SIZE);
+        let (dst_block, dst_slot) = (dst as usize / BLOCK_SIZE, dst as usize % BLOCK_SIZE);
+        for head in 0..shape.n_kv_heads {
+            for d in 0..shape.head_dim {
+                k_pool[shape.k_index(dst_block, head, d, dst_slot)] =
+                    k_pool[shape.k_index(src_block, head, d, src_slot)];
+            }
+            let from = shape.v_index(src_block, head, src_slot, 0);
+            let to = shape.v_index(dst_block, head, dst_slot, 0);
+            v_pool.copy_within(from..from + shape.head_dim, to);
+        }
+    }
+}
+
 /// The K of `position` of the sequence with `block_table`, head after head (`width` floats).
 pub fn read_k(k_pool: &[f32], block_table: &[u32], position: usize, shape: KvShape) -> Vec<f32> {
     let (block, slot) = locate(block_table, position);
@@ -117,6 +142,42 @@ mod tests {
         n_kv_heads: 2,
         head_dim: 4,
     };
+
+    #[test]
+    fn copied_rows_read_back_at_their_destinations_and_nothing_else_moves() {
+        let mut k: Vec<f32> = (0..4 * SHAPE.block_floats()).map(|i| i as f32).collect();
+        let mut v: Vec<f32> = k.iter().map(|x| -x).collect();
+        let (k0, v0) = (k.clone(), v.clone());
+        // Positions 14..18 of table [0, 1] go to positions 3..7 of table [3].
+        let (src_table, dst_table) = ([0u32, 1], [3u32]);
+        let src: Vec<u32> = (14..18).map(|p| flat_slot(&src_table, p)).collect();
+        let dst: Vec<u32> = (3..7).map(|p| flat_slot(&dst_table, p)).collect();
+        copy_rows(&mut k, &mut v, &src, &dst, SHAPE);
+        for offset in 0..4 {
+            assert_eq!(
+                read_k(&k, &dst_table, 3 + offset, SHAPE),
+                read_k(&k0, &src_table, 14 + offset, SHAPE)
+            );
+            assert_eq!(
+                read_v(&v, &dst_table, 3 + offset, SHAPE),
+                read_v(&v0, &src_table, 14 + offset, SHAPE)
+            );
+        }
+        for position in (0..3).chain(7..16) {
+            assert_eq!(
+                read_k(&k, &dst_table, position, SHAPE),
+                read_k(&k0, &dst_table, position, SHAPE)
+            );
+            assert_eq!(
+                read_v(&v, &dst_table, position, SHAPE),
+                read_v(&v0, &dst_table, position, SHAPE)
+            );
+        }
+        assert_eq!(
+            k[..3 * SHAPE.block_floats()],
+            k0[..3 * SHAPE.block_floats()]
+        );
+    }
 
     #[test]
     fn written_rows_read_back_from_their_slots_in_the_pool_layouts() {
