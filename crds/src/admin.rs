@@ -223,6 +223,10 @@ pub struct DeviceInfo {
     /// Device memory free when the device was opened (before the weights), bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_free_bytes: Option<u64>,
+    /// Device memory free once the weights were loaded, bytes (what `kvCacheFraction` takes
+    /// its share of).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_free_after_weights_bytes: Option<u64>,
     /// Why this device: the request, or what `auto` found missing.
     pub reason: String,
 }
@@ -258,6 +262,27 @@ pub struct KvBudget {
     pub pinned_budget_blocks: usize,
     /// Bytes of KV one token occupies (all layers, K and V).
     pub kv_bytes_per_token: usize,
+    /// What set the pool's size.
+    #[serde(default)]
+    pub sized_from: KvPoolSizing,
+    /// The memory `kvCacheFraction` was taken of, bytes: free device memory after the weights
+    /// on a GPU, available host memory (bounded by the cgroup) on the CPU; absent when the size
+    /// was configured directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_available_bytes: Option<u64>,
+}
+
+/// What set a daemon's KV pool size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum KvPoolSizing {
+    /// A size in bytes or blocks given to the daemon.
+    #[default]
+    Configured,
+    /// `kvCacheFraction` of the host memory available after the weights.
+    HostMemory,
+    /// `kvCacheFraction` of the GPU's free memory after the weights.
+    DeviceMemory,
 }
 
 /// Load figures: queue lengths and where the KV blocks are.

@@ -53,7 +53,7 @@ fn cuda_forward_gives_the_cpu_greedy_tokens() {
         let prompt = tokenizer.encode(text).expect("encode");
         let blocks = contiguous_blocks(0, prompt.len() + STEPS);
         let mut cpu_pool = KvPool::new(&cpu.config, blocks.len());
-        let mut gpu_pool = KvPool::new(&gpu.config, blocks.len());
+        let mut gpu_pool = gpu.model.new_pool(blocks.len()).expect("device pool");
         let cpu_logits = prefill_in_chunks(&cpu.model, &mut cpu_pool, &prompt, &[7], &blocks);
         let gpu_logits = prefill_in_chunks(&gpu.model, &mut gpu_pool, &prompt, &[7], &blocks);
         let difference = max_abs_diff(&cpu_logits, &gpu_logits);
@@ -64,7 +64,7 @@ fn cuda_forward_gives_the_cpu_greedy_tokens() {
         let kl = kl_divergence(&cpu_logits, &gpu_logits);
         assert!(kl <= MAX_KL, "{text:?}: first-step KL {kl}");
         let mut cpu_pool = KvPool::new(&cpu.config, blocks.len());
-        let mut gpu_pool = KvPool::new(&gpu.config, blocks.len());
+        let mut gpu_pool = gpu.model.new_pool(blocks.len()).expect("device pool");
         let ours = greedy(&gpu.model, &mut gpu_pool, &prompt, STEPS, &blocks);
         let theirs = greedy(&cpu.model, &mut cpu_pool, &prompt, STEPS, &blocks);
         let agreeing = ours.iter().zip(&theirs).take_while(|(a, b)| a == b).count();
@@ -88,18 +88,17 @@ fn cuda_forward_gives_the_cpu_greedy_tokens() {
 }
 
 /// The resident forward pass (activations and KV pool on the device, the `cuda/` kernels
-/// between cuBLAS projections) against the first CUDA backend (host attention, cuBLAS per
-/// projection): both multiply f32 activations by the same dense weights, so the logits agree
-/// closely (attention sums in another order) and greedy decoding gives the same tokens.
+/// between cuBLAS projections; what `--device cuda` runs) against the first CUDA backend (host
+/// attention and host pool, cuBLAS per projection): both multiply f32 activations by the same
+/// dense weights, so the logits agree closely (attention sums in another order) and greedy
+/// decoding gives the same tokens.
 #[test]
 fn resident_cuda_forward_matches_the_host_driven_cuda_backend() {
-    use std::sync::Arc;
-
     use skillkv_daemon::engine::batch::{ForwardBatch, SeqChunk};
     use skillkv_daemon::engine::device::EngineDevice;
     use skillkv_daemon::engine::gguf::{GgufFile, ModelConfig};
-    use skillkv_daemon::engine::model::resident::ResidentLlama;
-    use skillkv_kernels::ops::cuda::CudaOps;
+    use skillkv_daemon::engine::model::cuda::CudaBackend;
+    use skillkv_daemon::engine::model::llama::Llama;
 
     let selected = match select_device(DeviceRequest::Cuda(0)) {
         Ok(selected) => selected,
@@ -109,7 +108,7 @@ fn resident_cuda_forward_matches_the_host_driven_cuda_backend() {
         return println!("skipped: no GPU (the CPU was selected)");
     };
     let path = real_model_path();
-    let baseline = LlamaModel::load(
+    let resident = LlamaModel::load(
         &path,
         &LoadOptions {
             device: selected.device,
@@ -120,15 +119,15 @@ fn resident_cuda_forward_matches_the_host_driven_cuda_backend() {
     let mut file = GgufFile::open(&path).expect("open");
     file.check_supported().expect("supported");
     let config = ModelConfig::from_gguf(&file.content).expect("config");
-    let ops = Arc::new(CudaOps::new(device).expect("kernels"));
-    let resident = ResidentLlama::load(ops, config, &mut file).expect("resident load");
-    let tokenizer = GgufTokenizer::from_gguf(&baseline.gguf).expect("tokenizer");
+    let baseline =
+        Llama::load(CudaBackend::new(device), config.clone(), &mut file).expect("host-driven load");
+    let tokenizer = GgufTokenizer::from_gguf(&resident.gguf).expect("tokenizer");
     let mut prompt = tokenizer
         .encode("<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n")
         .expect("encode");
     let blocks = contiguous_blocks(0, prompt.len() + STEPS);
-    let mut pool = resident.new_pool(blocks.len()).expect("pool");
-    let mut baseline_pool = KvPool::new(&baseline.config, blocks.len());
+    let mut pool = resident.model.new_pool(blocks.len()).expect("device pool");
+    let mut baseline_pool = KvPool::new(&config, blocks.len());
     let mut start = 0;
     for step in 0..STEPS {
         let chunk = SeqChunk {
@@ -140,9 +139,8 @@ fn resident_cuda_forward_matches_the_host_driven_cuda_backend() {
         let batch = ForwardBatch {
             chunks: vec![chunk],
         };
-        let ours = resident.forward(&batch, &mut pool).expect("resident");
+        let ours = resident.model.forward(&batch, &mut pool).expect("resident");
         let theirs = baseline
-            .model
             .forward(&batch, &mut baseline_pool)
             .expect("baseline");
         let difference = max_abs_diff(&ours.logits[0], &theirs.logits[0]);

@@ -4,11 +4,16 @@
 //! left untouched and the modular KV never enters the exact prefix cache. A segment prefilled on
 //! its own into the prefix cache without a pin (a skill the daemon does not pin) is copied just
 //! like a pinned one, and when source and copy cannot both fit, the segment is computed in
-//! context instead of the request failing.
+//! context instead of the request failing. A fully cached prompt recomputes its last token in
+//! a copy of its last block, and exported KV imported elsewhere serves the same tokens.
+//!
+//! Every case runs on the CPU backend and on the GPU's code path through the kernels' host
+//! references ([`EngineDevice::HostKernels`]), whose pool lives behind `PoolOps`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use skillkv_daemon::engine::device::EngineDevice;
 use skillkv_daemon::engine::handle::{CachedPrefix, PinRequest, PinnedPrefix};
 use skillkv_daemon::engine::model::{LlamaModel, LoadOptions};
 use skillkv_daemon::engine::sampling::SamplingParams;
@@ -19,17 +24,54 @@ use skillkv_daemon::engine::{
 
 const BLOCKS: usize = 64;
 
-fn engine(label: &str) -> EngineHandle {
-    engine_with_blocks(label, BLOCKS)
+/// Every case on the CPU backend (host pool) and on the resident forward pass through the
+/// kernels' host references (device pool: copies, re-rotation and exports through `PoolOps`).
+macro_rules! on_each_device {
+    ($($case:ident),* $(,)?) => {
+        mod cpu {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::EngineDevice::Cpu).await
+                }
+            )*
+        }
+        mod host_kernels {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::EngineDevice::HostKernels).await
+                }
+            )*
+        }
+    };
 }
 
-fn engine_with_blocks(label: &str, blocks: usize) -> EngineHandle {
+on_each_device!(
+    modular_with_a_single_skill_is_exact_bit_for_bit,
+    a_later_skill_is_copied_counted_apart_and_its_blocks_freed,
+    an_uncached_segment_is_computed_like_exact,
+    a_segment_cached_without_a_pin_is_copied_like_a_pinned_one,
+    a_copy_that_cannot_fit_beside_its_source_is_computed_in_context,
+    a_fully_cached_prompt_recomputes_its_last_token_in_a_private_copy,
+    exported_kv_imported_into_another_engine_serves_the_same_tokens,
+);
+
+fn engine(device: &EngineDevice, label: &str) -> EngineHandle {
+    engine_with_blocks(device, label, BLOCKS)
+}
+
+fn engine_with_blocks(device: &EngineDevice, label: &str, blocks: usize) -> EngineHandle {
     let path: PathBuf = std::env::temp_dir().join(format!(
-        "skillkv-modular-{label}-{}.gguf",
+        "skillkv-modular-{label}-{device:?}-{}.gguf",
         std::process::id()
     ));
     write_tiny_gguf(&path, &TinyModelSpec::default()).expect("tiny model");
-    let loaded = LlamaModel::load(&path, &LoadOptions::default()).expect("loads");
+    let options = LoadOptions {
+        device: device.clone(),
+        ..LoadOptions::default()
+    };
+    let loaded = LlamaModel::load(&path, &options).expect("loads");
     let _ = std::fs::remove_file(&path);
     Engine::start(
         Arc::new(loaded.model),
@@ -127,9 +169,8 @@ async fn cache(engine: &EngineHandle, tokens: &[u32]) -> CachedPrefix {
         .expect("caches")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn modular_with_a_single_skill_is_exact_bit_for_bit() {
-    let engine = engine("single");
+async fn modular_with_a_single_skill_is_exact_bit_for_bit(device: EngineDevice) {
+    let engine = engine(&device, "single");
     let skill = tokens(45, 1);
     pin(&engine, &skill).await;
     let prompt: Vec<u32> = skill.iter().copied().chain(tokens(7, 9)).collect();
@@ -149,9 +190,8 @@ async fn modular_with_a_single_skill_is_exact_bit_for_bit() {
     assert_eq!(modular.logprobs, exact.logprobs);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_later_skill_is_copied_counted_apart_and_its_blocks_freed() {
-    let engine = engine("later");
+async fn a_later_skill_is_copied_counted_apart_and_its_blocks_freed(device: EngineDevice) {
+    let engine = engine(&device, "later");
     let first = tokens(37, 2);
     let second = tokens(50, 3);
     let first_pin = pin(&engine, &first).await;
@@ -205,9 +245,8 @@ async fn a_later_skill_is_copied_counted_apart_and_its_blocks_freed() {
     assert_eq!(end.free + end.cached + end.pinned, BLOCKS);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_uncached_segment_is_computed_like_exact() {
-    let engine = engine("uncached");
+async fn an_uncached_segment_is_computed_like_exact(device: EngineDevice) {
+    let engine = engine(&device, "uncached");
     let first = tokens(20, 5);
     pin(&engine, &first).await;
     // The second segment was never prefilled on its own: nothing to copy, so the request is
@@ -225,8 +264,7 @@ async fn an_uncached_segment_is_computed_like_exact() {
     assert_eq!(modular.logprobs, exact.logprobs);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_segment_cached_without_a_pin_is_copied_like_a_pinned_one() {
+async fn a_segment_cached_without_a_pin_is_copied_like_a_pinned_one(device: EngineDevice) {
     let first = tokens(37, 2);
     let second = tokens(50, 3);
     let prompt: Vec<u32> = [first.as_slice(), &second, &tokens(9, 4)].concat();
@@ -235,12 +273,12 @@ async fn a_segment_cached_without_a_pin_is_copied_like_a_pinned_one() {
         len: second.len(),
         recompute: 2,
     };
-    let pinned_engine = engine("cache-pinned");
+    let pinned_engine = engine(&device, "cache-pinned");
     pin(&pinned_engine, &first).await;
     pin(&pinned_engine, &second).await;
     let from_pins = run(&pinned_engine, prompt.clone(), vec![span]).await;
 
-    let cached_engine = engine("cache-unpinned");
+    let cached_engine = engine(&device, "cache-unpinned");
     // Only full blocks are cached: 32 of 37 and 48 of 50 tokens; the first time nothing was.
     let first_cached = cache(&cached_engine, &first).await;
     assert_eq!(first_cached.full_tokens, 32);
@@ -259,12 +297,11 @@ async fn a_segment_cached_without_a_pin_is_copied_like_a_pinned_one() {
     assert_eq!(from_cache, from_pins);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_copy_that_cannot_fit_beside_its_source_is_computed_in_context() {
+async fn a_copy_that_cannot_fit_beside_its_source_is_computed_in_context(device: EngineDevice) {
     // 16 blocks: the cached first skill (2 blocks) and second skill (10 blocks) leave 4 free,
     // but the prompt needs 11 more (the copy of the second skill and the question). Reading
     // the source while writing its copy cannot fit; computing the segment can, by evicting it.
-    let engine = engine_with_blocks("cache-tight", 16);
+    let engine = engine_with_blocks(&device, "cache-tight", 16);
     let first = tokens(32, 8);
     let second = tokens(160, 9);
     cache(&engine, &first).await;
@@ -281,4 +318,44 @@ async fn a_copy_that_cannot_fit_beside_its_source_is_computed_in_context() {
     let exact = run(&engine, prompt, Vec::new()).await;
     assert_eq!(modular.tokens, exact.tokens);
     assert_eq!(modular.logprobs, exact.logprobs);
+}
+
+async fn a_fully_cached_prompt_recomputes_its_last_token_in_a_private_copy(device: EngineDevice) {
+    let engine = engine(&device, "copy-on-write");
+    // Three full blocks: the second request finds all of them cached, copies the last one
+    // (copy-on-write) and recomputes its last token into the copy.
+    let prompt = tokens(48, 11);
+    let first = run(&engine, prompt.clone(), Vec::new()).await;
+    assert_eq!(first.started_cached, 0);
+    let second = run(&engine, prompt.clone(), Vec::new()).await;
+    assert_eq!(second.started_cached, 47);
+    assert_eq!(second.tokens, first.tokens);
+    assert_eq!(second.logprobs, first.logprobs);
+    // The shared block was only read: a third request sees the same.
+    let third = run(&engine, prompt, Vec::new()).await;
+    assert_eq!(third, second);
+    let stats = engine.kv_stats().await.expect("stats");
+    assert_eq!(stats.used, 0, "{stats:?}");
+}
+
+async fn exported_kv_imported_into_another_engine_serves_the_same_tokens(device: EngineDevice) {
+    let skill = tokens(40, 12);
+    let prompt: Vec<u32> = [skill.as_slice(), &tokens(6, 13)].concat();
+    let source = engine(&device, "export");
+    let pinned = pin(&source, &skill).await;
+    let kv = source.export_pin(pinned.id).await.expect("exports");
+    assert_eq!(kv.blocks, 2);
+    let expected = run(&source, prompt.clone(), Vec::new()).await;
+
+    let target = engine(&device, "import");
+    let imported = target
+        .import_pinned(skill.clone(), None, kv.clone())
+        .await
+        .expect("imports");
+    assert_eq!(imported.pinned_tokens, 32);
+    assert_eq!(target.export_pin(imported.id).await, Some(kv));
+    let served = run(&target, prompt, Vec::new()).await;
+    assert_eq!(served.started_cached, 32);
+    assert_eq!(served.tokens, expected.tokens);
+    assert_eq!(served.logprobs, expected.logprobs);
 }

@@ -152,6 +152,8 @@ pub fn daemon_state(pinned_budget_blocks: usize) -> DaemonState {
             total_blocks: pinned_budget_blocks * 2,
             pinned_budget_blocks,
             kv_bytes_per_token: 1024,
+            sized_from: Default::default(),
+            memory_available_bytes: None,
         },
         load: LoadFigures::default(),
         desired_generation: None,

@@ -43,7 +43,8 @@ pub struct ServeArgs {
     #[arg(long, conflicts_with = "kv_cache_fraction")]
     pub kv_cache_bytes: Option<usize>,
     /// KV cache budget as a fraction, in (0, 1], of the memory still available once the
-    /// weights are loaded (host MemAvailable, bounded by the container's cgroup limit).
+    /// weights are loaded (on a GPU its free memory; on the CPU host MemAvailable, bounded by
+    /// the container's cgroup limit).
     #[arg(long, value_parser = parse_positive_fraction)]
     pub kv_cache_fraction: Option<f64>,
     /// Longest sequence (prompt plus completion) in tokens; at most the model's own.

@@ -87,9 +87,29 @@ pub enum EngineDevice {
     /// The CPU backend.
     #[default]
     Cpu,
+    /// The GPU's code path on the host: the resident forward pass and device pool through
+    /// the kernels' Rust references. Slow (no SIMD, dense f32 weights); it lets tests run the
+    /// whole engine — pool, copies, store — as on a GPU where no GPU is. Not a `--device`.
+    HostKernels,
     /// The CUDA backend on this open device.
     #[cfg(feature = "cuda")]
     Cuda(Arc<skillkv_kernels::gemm::GpuDevice>),
+}
+
+impl EngineDevice {
+    /// Free memory of the GPU now, bytes (the driver's `cuMemGetInfo` for this device); `None`
+    /// on the host or when the driver cannot say.
+    ///
+    /// The driver's figure rather than NVML's: NVML numbers devices in PCI order whatever
+    /// `CUDA_VISIBLE_DEVICES` says, so its device `N` need not be `cuda:N`; the driver's is the
+    /// device the pool is allocated on.
+    pub fn free_memory_bytes(&self) -> Option<u64> {
+        match self {
+            Self::Cpu | Self::HostKernels => None,
+            #[cfg(feature = "cuda")]
+            Self::Cuda(device) => device.memory().ok().map(|memory| memory.free as u64),
+        }
+    }
 }
 
 /// The outcome of [`select_device`]: the device and what to report about it.
@@ -112,6 +132,7 @@ impl SelectedDevice {
                 name: None,
                 memory_total_bytes: None,
                 memory_free_bytes: None,
+                memory_free_after_weights_bytes: None,
                 reason,
             },
         }
@@ -146,6 +167,7 @@ fn open_cuda(ordinal: usize, reason: &str) -> Result<SelectedDevice, SelectDevic
         name: Some(device.name().to_string()),
         memory_total_bytes: memory.map(|m| m.total as u64),
         memory_free_bytes: memory.map(|m| m.free as u64),
+        memory_free_after_weights_bytes: None,
         reason: reason.to_string(),
     };
     Ok(SelectedDevice {

@@ -10,20 +10,84 @@
 //! Besides whole blocks (copy-on-write), the pool copies single token rows between sequences:
 //! modular skill assembly moves a skill's independently prefilled KV to another position of a
 //! request, turning K by the position delta with the kernels' RoPE reference.
+//!
+//! The values live in host memory (the CPU forward pass) or in a device's buffers
+//! ([`DeviceKv`]: the resident forward pass on a GPU); the scheduler, prefix cache and skill
+//! store use the same [`KvPool`] either way. Device operations can fail ([`KvPoolOpError`]);
+//! host ones cannot.
 
-use skillkv_kernels::reference::kv::KvShape;
+use std::any::Any;
+
+use skillkv_kernels::ops::KernelOpError;
+use skillkv_kernels::reference::kv::{self, KvShape};
 use skillkv_kernels::reference::rope::{PairRotation, rerotate_k};
 
 use crate::engine::batch::{BLOCK_SIZE, BlockId};
 use crate::engine::gguf::ModelConfig;
 
-/// Per-layer K and V storage for a fixed number of blocks.
-#[derive(Debug, Clone)]
+/// A pool operation the device refused or failed (host pools never fail).
+#[derive(Debug, thiserror::Error)]
+#[error("{operation} in the KV pool failed")]
+pub struct KvPoolOpError {
+    /// What was being done (`copy block`, `copy rows`, `read block`, `write block`).
+    pub operation: &'static str,
+    /// The device's error.
+    #[source]
+    pub source: KernelOpError,
+}
+
+/// A pool kept where the kernels run (the resident forward pass's,
+/// [`ResidentPool`](crate::engine::model::resident::ResidentPool)), as [`KvPool`] drives it.
+/// Arguments arrive checked against the pool's geometry.
+pub trait DeviceKv: Send + std::fmt::Debug + Any {
+    /// [`KvPool::copy_block`].
+    fn copy_block(&mut self, src: BlockId, dst: BlockId) -> Result<(), KvPoolOpError>;
+
+    /// [`KvPool::copy_rows`].
+    fn copy_rows(
+        &mut self,
+        src: (&[BlockId], usize),
+        dst: (&[BlockId], usize),
+        count: usize,
+        rotation: Option<&PairRotation>,
+    ) -> Result<(), KvPoolOpError>;
+
+    /// [`KvPool::read_block`].
+    fn read_block(
+        &self,
+        layer: usize,
+        block: BlockId,
+    ) -> Result<(Vec<f32>, Vec<f32>), KvPoolOpError>;
+
+    /// [`KvPool::write_block`].
+    fn write_block(
+        &mut self,
+        layer: usize,
+        block: BlockId,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), KvPoolOpError>;
+
+    /// The pool as `Any`, for the forward pass that owns its concrete type.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// Per-layer K and V storage for a fixed number of blocks, in host memory or on a device.
+#[derive(Debug)]
 pub struct KvPool {
-    layers: Vec<LayerKv>,
+    storage: Storage,
     num_blocks: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
+    num_layers: usize,
+    shape: KvShape,
+}
+
+/// Where the values are.
+#[derive(Debug)]
+enum Storage {
+    /// Host memory, one [`LayerKv`] per layer.
+    Host(Vec<LayerKv>),
+    /// A device's buffers.
+    Device(Box<dyn DeviceKv>),
 }
 
 /// K and V of one layer, `num_blocks * block_floats` each.
@@ -34,7 +98,7 @@ struct LayerKv {
 }
 
 impl KvPool {
-    /// A zero-filled pool of `num_blocks` blocks shaped for `config`.
+    /// A zero-filled host pool of `num_blocks` blocks shaped for `config`.
     pub fn new(config: &ModelConfig, num_blocks: usize) -> Self {
         let block_floats = Self::floats_per_block_layer(config);
         let layers = (0..config.n_layers)
@@ -43,11 +107,23 @@ impl KvPool {
                 v: vec![0.0; num_blocks * block_floats],
             })
             .collect();
+        Self::with_storage(config, num_blocks, Storage::Host(layers))
+    }
+
+    /// A pool of `num_blocks` blocks shaped for `config` whose values `device` keeps.
+    pub fn on_device(config: &ModelConfig, num_blocks: usize, device: Box<dyn DeviceKv>) -> Self {
+        Self::with_storage(config, num_blocks, Storage::Device(device))
+    }
+
+    fn with_storage(config: &ModelConfig, num_blocks: usize, storage: Storage) -> Self {
         Self {
-            layers,
+            storage,
             num_blocks,
-            n_kv_heads: config.n_kv_heads,
-            head_dim: config.head_dim,
+            num_layers: config.n_layers,
+            shape: KvShape {
+                n_kv_heads: config.n_kv_heads,
+                head_dim: config.head_dim,
+            },
         }
     }
 
@@ -58,7 +134,12 @@ impl KvPool {
 
     /// Number of layers the pool stores.
     pub fn num_layers(&self) -> usize {
-        self.layers.len()
+        self.num_layers
+    }
+
+    /// Whether the values are in host memory (the host forward pass's pool).
+    pub fn is_host(&self) -> bool {
+        matches!(self.storage, Storage::Host(_))
     }
 
     /// Bytes one block takes across all layers (K and V), for sizing the pool from a budget.
@@ -71,10 +152,6 @@ impl KvPool {
         BLOCK_SIZE * config.n_kv_heads * config.head_dim
     }
 
-    fn block_floats(&self) -> usize {
-        BLOCK_SIZE * self.n_kv_heads * self.head_dim
-    }
-
     fn block_range(&self, block: BlockId) -> std::ops::Range<usize> {
         let index = block as usize;
         assert!(
@@ -82,17 +159,26 @@ impl KvPool {
             "block {index} out of range: the pool has {} blocks",
             self.num_blocks
         );
-        let floats = self.block_floats();
+        let floats = self.shape.block_floats();
         index * floats..(index + 1) * floats
     }
 
     /// Copies block `src` onto block `dst` in every layer (copy-on-write of a shared block).
-    pub fn copy_block(&mut self, src: BlockId, dst: BlockId) {
+    ///
+    /// # Panics
+    /// When a block is outside the pool.
+    pub fn copy_block(&mut self, src: BlockId, dst: BlockId) -> Result<(), KvPoolOpError> {
         let src_range = self.block_range(src);
         let dst_start = self.block_range(dst).start;
-        for layer in &mut self.layers {
-            layer.k.copy_within(src_range.clone(), dst_start);
-            layer.v.copy_within(src_range.clone(), dst_start);
+        match &mut self.storage {
+            Storage::Host(layers) => {
+                for layer in layers {
+                    layer.k.copy_within(src_range.clone(), dst_start);
+                    layer.v.copy_within(src_range.clone(), dst_start);
+                }
+                Ok(())
+            }
+            Storage::Device(device) => device.copy_block(src, dst),
         }
     }
 
@@ -103,67 +189,128 @@ impl KvPool {
     /// they must not overlap the destination rows.
     ///
     /// # Panics
-    /// When a table does not cover its positions.
+    /// When a table does not cover its positions or names a block outside the pool.
     pub fn copy_rows(
         &mut self,
         (src_table, src_start): (&[BlockId], usize),
         (dst_table, dst_start): (&[BlockId], usize),
         count: usize,
         rotation: Option<&PairRotation>,
-    ) {
-        let shape = KvShape {
-            n_kv_heads: self.n_kv_heads,
-            head_dim: self.head_dim,
-        };
-        let address = |table: &[BlockId], position: usize| {
-            (table[position / BLOCK_SIZE] as usize, position % BLOCK_SIZE)
-        };
-        for layer in &mut self.layers {
-            for offset in 0..count {
-                let (src_block, src_slot) = address(src_table, src_start + offset);
-                let (dst_block, dst_slot) = address(dst_table, dst_start + offset);
-                for head in 0..shape.n_kv_heads {
-                    for d in 0..shape.head_dim {
-                        layer.k[shape.k_index(dst_block, head, d, dst_slot)] =
-                            layer.k[shape.k_index(src_block, head, d, src_slot)];
-                    }
-                    let from = shape.v_index(src_block, head, src_slot, 0);
-                    let to = shape.v_index(dst_block, head, dst_slot, 0);
-                    layer.v.copy_within(from..from + shape.head_dim, to);
+    ) -> Result<(), KvPoolOpError> {
+        if count > 0 {
+            for (table, start) in [(src_table, src_start), (dst_table, dst_start)] {
+                for &block in &table[start / BLOCK_SIZE..=(start + count - 1) / BLOCK_SIZE] {
+                    self.block_range(block);
                 }
             }
-            if let Some(rotation) = rotation {
-                rerotate_k(&mut layer.k, dst_table, dst_start, count, shape, rotation);
+        }
+        let shape = self.shape;
+        match &mut self.storage {
+            Storage::Host(layers) => {
+                let slots = |table: &[BlockId], start: usize| -> Vec<u32> {
+                    (start..start + count)
+                        .map(|position| kv::flat_slot(table, position))
+                        .collect()
+                };
+                let (src_slots, dst_slots) =
+                    (slots(src_table, src_start), slots(dst_table, dst_start));
+                for layer in layers {
+                    kv::copy_rows(&mut layer.k, &mut layer.v, &src_slots, &dst_slots, shape);
+                    if let Some(rotation) = rotation {
+                        rerotate_k(&mut layer.k, dst_table, dst_start, count, shape, rotation);
+                    }
+                }
+                Ok(())
             }
+            Storage::Device(device) => device.copy_rows(
+                (src_table, src_start),
+                (dst_table, dst_start),
+                count,
+                rotation,
+            ),
         }
     }
 
     /// K (`[kv_head][head_dim][slot]`) and V (`[kv_head][slot][head_dim]`) of one block of one
     /// layer.
-    pub fn read_block(&self, layer: usize, block: BlockId) -> (&[f32], &[f32]) {
+    ///
+    /// # Panics
+    /// When the block or the layer is outside the pool.
+    pub fn read_block(
+        &self,
+        layer: usize,
+        block: BlockId,
+    ) -> Result<(Vec<f32>, Vec<f32>), KvPoolOpError> {
         let range = self.block_range(block);
-        let kv = &self.layers[layer];
-        (&kv.k[range.clone()], &kv.v[range])
+        assert!(layer < self.num_layers, "layer {layer} out of range");
+        match &self.storage {
+            Storage::Host(layers) => {
+                let kv = &layers[layer];
+                Ok((kv.k[range.clone()].to_vec(), kv.v[range].to_vec()))
+            }
+            Storage::Device(device) => device.read_block(layer, block),
+        }
     }
 
     /// Overwrites K and V of one block of one layer (same layout as [`Self::read_block`]).
-    pub fn write_block(&mut self, layer: usize, block: BlockId, k: &[f32], v: &[f32]) {
+    ///
+    /// # Panics
+    /// When the block or the layer is outside the pool, or `k` or `v` is not one block long.
+    pub fn write_block(
+        &mut self,
+        layer: usize,
+        block: BlockId,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), KvPoolOpError> {
         let range = self.block_range(block);
-        let kv = &mut self.layers[layer];
-        kv.k[range.clone()].copy_from_slice(k);
-        kv.v[range].copy_from_slice(v);
+        assert!(layer < self.num_layers, "layer {layer} out of range");
+        assert!(
+            k.len() == range.len() && v.len() == range.len(),
+            "a block of K and V is {} floats each",
+            range.len()
+        );
+        match &mut self.storage {
+            Storage::Host(layers) => {
+                let kv = &mut layers[layer];
+                kv.k[range.clone()].copy_from_slice(k);
+                kv.v[range].copy_from_slice(v);
+                Ok(())
+            }
+            Storage::Device(device) => device.write_block(layer, block, k, v),
+        }
     }
 
-    /// Mutable K and V of one whole layer, for the forward pass.
-    pub(crate) fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
-        let kv = &mut self.layers[layer];
-        (&mut kv.k, &mut kv.v)
+    /// The device pool as `Any` (for the forward pass that owns its type); `None` for a host
+    /// pool.
+    pub(crate) fn device_mut(&mut self) -> Option<&mut dyn Any> {
+        match &mut self.storage {
+            Storage::Host(_) => None,
+            Storage::Device(device) => Some(device.as_any_mut()),
+        }
     }
 
-    /// K and V of one whole layer, for the forward pass.
-    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        let kv = &self.layers[layer];
-        (&kv.k, &kv.v)
+    /// Mutable K and V of one whole layer of a host pool, for the host forward pass; `None`
+    /// for a device pool.
+    pub(crate) fn layer_mut(&mut self, layer: usize) -> Option<(&mut [f32], &mut [f32])> {
+        match &mut self.storage {
+            Storage::Host(layers) => {
+                let kv = &mut layers[layer];
+                Some((&mut kv.k, &mut kv.v))
+            }
+            Storage::Device(_) => None,
+        }
+    }
+
+    /// K and V of one whole layer of a host pool; `None` for a device pool.
+    pub(crate) fn layer(&self, layer: usize) -> Option<(&[f32], &[f32])> {
+        match &self.storage {
+            Storage::Host(layers) => {
+                let kv = &layers[layer];
+                Some((&kv.k, &kv.v))
+            }
+            Storage::Device(_) => None,
+        }
     }
 }
 
@@ -200,15 +347,24 @@ mod tests {
         for layer in 0..2 {
             let k: Vec<f32> = (0..floats).map(|i| (i + layer * 1000) as f32).collect();
             let v: Vec<f32> = k.iter().map(|x| -x).collect();
-            pool.write_block(layer, 1, &k, &v);
-            let (read_k, read_v) = pool.read_block(layer, 1);
-            assert_eq!(read_k, k.as_slice());
-            assert_eq!(read_v, v.as_slice());
+            pool.write_block(layer, 1, &k, &v).unwrap();
+            let (read_k, read_v) = pool.read_block(layer, 1).unwrap();
+            assert_eq!(read_k, k);
+            assert_eq!(read_v, v);
         }
-        pool.copy_block(1, 2);
+        pool.copy_block(1, 2).unwrap();
         for layer in 0..2 {
-            assert_eq!(pool.read_block(layer, 2), pool.read_block(layer, 1));
-            assert!(pool.read_block(layer, 0).0.iter().all(|&x| x == 0.0));
+            assert_eq!(
+                pool.read_block(layer, 2).unwrap(),
+                pool.read_block(layer, 1).unwrap()
+            );
+            assert!(
+                pool.read_block(layer, 0)
+                    .unwrap()
+                    .0
+                    .iter()
+                    .all(|&x| x == 0.0)
+            );
         }
     }
 
@@ -226,16 +382,17 @@ mod tests {
         for layer in 0..2 {
             let k: Vec<f32> = (0..floats).map(|i| (i + 1 + layer * 100) as f32).collect();
             let v: Vec<f32> = k.iter().map(|x| -x).collect();
-            pool.write_block(layer, 0, &k, &v);
-            pool.write_block(layer, 1, &v, &k);
+            pool.write_block(layer, 0, &k, &v).unwrap();
+            pool.write_block(layer, 1, &v, &k).unwrap();
         }
         // Source positions 5..25 (blocks 0 and 1) go to positions 19..39 of table [2, 3, 4].
         let (src, dst) = ([0u32, 1], [2u32, 3, 4]);
         let rope = RopeTable::new(config.head_dim, config.rope_theta, 1);
         let rotation = rope.delta(14);
-        pool.copy_rows((&src, 5), (&dst, 19), 20, Some(&rotation));
+        pool.copy_rows((&src, 5), (&dst, 19), 20, Some(&rotation))
+            .unwrap();
         for layer in 0..2 {
-            let (k, v) = pool.layer(layer);
+            let (k, v) = pool.layer(layer).unwrap();
             for offset in 0..20 {
                 let mut expected = read_k(k, &src, 5 + offset, shape);
                 rope_row(&mut expected, &rotation);
@@ -247,8 +404,8 @@ mod tests {
                     );
                 }
                 assert_eq!(
-                    skillkv_kernels::reference::kv::read_v(v, &dst, 19 + offset, shape),
-                    skillkv_kernels::reference::kv::read_v(v, &src, 5 + offset, shape)
+                    kv::read_v(v, &dst, 19 + offset, shape),
+                    kv::read_v(v, &src, 5 + offset, shape)
                 );
             }
             // Rows around the copy stay untouched (zero).

@@ -73,6 +73,8 @@ async fn daemon_state(State(state): State<AppState>) -> Result<Json<DaemonState>
             total_blocks: stats.kv.total,
             pinned_budget_blocks: skills.pinned_budget_blocks,
             kv_bytes_per_token: skills.kv_bytes_per_token,
+            sized_from: serving.kv_sizing.sized_from,
+            memory_available_bytes: serving.kv_sizing.memory_available_bytes,
         },
         load: load_figures(&stats),
         desired_generation: serving.desired.generation(),

@@ -179,9 +179,11 @@ impl From<GenerateError> for ApiError {
             GenerateError::KvCacheExhausted { .. } => {
                 Self::bad_param("max_tokens", error.to_string())
             }
-            GenerateError::Forward(_) | GenerateError::MissingLogits => Self::Internal {
-                message: error.to_string(),
-            },
+            GenerateError::Forward(_) | GenerateError::KvCopy(_) | GenerateError::MissingLogits => {
+                Self::Internal {
+                    message: error.to_string(),
+                }
+            }
             GenerateError::Cancelled | GenerateError::EngineShutDown => Self::Unavailable {
                 reason: error.to_string(),
             },

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use skillkv_api::admin::{DeviceInfo, ModelInfo};
+use skillkv_api::admin::{DeviceInfo, KvPoolSizing, ModelInfo};
 use skillkv_api::v1alpha1::Assembly;
 
 use crate::engine::chat_template::{ChatTemplate, LoadTemplateError};
@@ -20,7 +20,7 @@ use crate::skills::store::OpenSkillStoreError;
 use crate::skills::{
     DesiredStateManager, SkillRegistry, SkillStore, SkillsConfig, StoreIdentity, UnpinnedSkillCache,
 };
-use crate::telemetry::memory::{MemorySources, ReadAvailableMemoryError, available_memory};
+use crate::telemetry::memory::{MemorySources, ReadAvailableMemoryError, kv_cache_memory};
 
 /// How the skills of a served model are kept.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,8 +56,8 @@ pub struct ModelSettings {
     /// warning: RoPE beyond the trained length degrades output).
     pub context_length: Option<usize>,
     /// Sizes the KV pool as this fraction of the memory still available once the weights are
-    /// loaded (host `MemAvailable`, bounded by the cgroup limit), replacing the engine's
-    /// `kv_cache`.
+    /// loaded — the GPU's free memory on a GPU, else host `MemAvailable` bounded by the cgroup
+    /// limit — replacing the engine's `kv_cache`.
     pub kv_cache_fraction: Option<f64>,
 }
 
@@ -108,6 +108,17 @@ pub struct Serving {
     pub unpinned: UnpinnedSkillCache,
     /// Where the engine runs and why.
     pub device: DeviceInfo,
+    /// What set the KV pool's size.
+    pub kv_sizing: KvSizing,
+}
+
+/// What set the KV pool's size, for `/admin/v1/state`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvSizing {
+    /// Configured, or a fraction of host or device memory.
+    pub sized_from: KvPoolSizing,
+    /// The memory the fraction was taken of, bytes.
+    pub memory_available_bytes: Option<u64>,
 }
 
 /// The id clients send as `model`: the file name without `.gguf`.
@@ -139,12 +150,13 @@ impl Serving {
         skills: &SkillsSettings,
         model: ModelSettings,
     ) -> Result<Self, LoadServingError> {
-        let selected = select_device(model.device)?;
+        let mut selected = select_device(model.device)?;
         let options = LoadOptions {
             max_context: model.context_length,
-            device: selected.device,
+            device: selected.device.clone(),
         };
         let loaded = LlamaModel::load(path, &options)?;
+        selected.info.memory_free_after_weights_bytes = selected.device.free_memory_bytes();
         if let Some(requested) = model.context_length
             && requested > loaded.config.context_length
         {
@@ -154,17 +166,26 @@ impl Serving {
                 "the requested context length exceeds the model's; using the model's"
             );
         }
+        let mut kv_sizing = KvSizing::default();
         if let Some(fraction) = model.kv_cache_fraction {
-            let available = available_memory(&MemorySources::default())?;
-            let bytes = (available.bytes as f64 * fraction.clamp(0.0, 1.0)) as usize;
+            let memory = kv_cache_memory(
+                selected.info.memory_free_after_weights_bytes,
+                &MemorySources::default(),
+            )?;
+            let bytes = memory.share(fraction);
             tracing::info!(
                 fraction,
-                available_bytes = available.bytes,
-                cgroup_limited = available.cgroup_limited,
+                source = ?memory.source,
+                available_bytes = memory.bytes,
+                cgroup_limited = memory.cgroup_limited,
                 kv_cache_bytes = bytes,
                 "KV cache sized from the memory available after the weights"
             );
             engine_config.kv_cache = KvCacheSize::Bytes(bytes);
+            kv_sizing = KvSizing {
+                sized_from: memory.source,
+                memory_available_bytes: Some(memory.bytes),
+            };
         }
         let tokenizer = Arc::new(GgufTokenizer::from_gguf(&loaded.gguf)?);
         let template = Arc::new(ChatTemplate::from_gguf(&loaded.gguf)?);
@@ -230,6 +251,7 @@ impl Serving {
             desired,
             unpinned: UnpinnedSkillCache::default(),
             device: selected.info,
+            kv_sizing,
         })
     }
 }
@@ -237,6 +259,39 @@ impl Serving {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kv_cache_fraction_on_the_cpu_sizes_the_pool_from_host_memory() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("tiny.gguf");
+        crate::engine::testing::write_tiny_gguf(&path, &Default::default()).expect("tiny model");
+        let fraction = 0.001;
+        let serving = tokio::task::block_in_place(|| {
+            Serving::load_with(
+                &path,
+                EngineConfig::default(),
+                &SkillsSettings::default(),
+                ModelSettings {
+                    kv_cache_fraction: Some(fraction),
+                    ..ModelSettings::default()
+                },
+            )
+        })
+        .expect("serving loads");
+        assert_eq!(serving.kv_sizing.sized_from, KvPoolSizing::HostMemory);
+        let available = serving.kv_sizing.memory_available_bytes.expect("a figure");
+        assert!(available > 0);
+        // The pool is that share of the figure, in whole blocks.
+        let file = crate::engine::gguf::GgufFile::open(&path).expect("opens");
+        let config = crate::engine::gguf::ModelConfig::from_gguf(&file.content).expect("config");
+        let share = (available as f64 * fraction) as usize;
+        assert_eq!(
+            serving.total_blocks,
+            share / KvPool::bytes_per_block(&config)
+        );
+        assert!(serving.total_blocks > 0);
+        assert_eq!(serving.device.memory_free_after_weights_bytes, None);
+    }
 
     #[test]
     fn model_id_drops_the_gguf_extension() {

@@ -1,9 +1,12 @@
 //! Host memory the daemon may still use: the smaller of the kernel's `MemAvailable` and the
 //! headroom under the container's cgroup memory limit. `skillkv serve --kv-cache-fraction`
 //! sizes the CPU KV pool from it, measured after the weights are loaded, so a pod's KV pool
-//! follows its `resources.limits.memory` instead of a fixed byte count.
+//! follows its `resources.limits.memory` instead of a fixed byte count. On a GPU the pool is
+//! sized from the device's free memory after the weights instead ([`kv_cache_memory`]).
 
 use std::path::{Path, PathBuf};
+
+use skillkv_api::admin::KvPoolSizing;
 
 /// Why the available memory could not be determined.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +118,49 @@ pub fn available_memory(
     })
 }
 
+/// The memory a `kvCacheFraction` is taken of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheMemory {
+    /// Bytes available.
+    pub bytes: u64,
+    /// Device or host memory.
+    pub source: KvPoolSizing,
+    /// Whether a cgroup limit (rather than the host's free memory) bounded a host figure.
+    pub cgroup_limited: bool,
+}
+
+impl KvCacheMemory {
+    /// `fraction` (clamped to `0..=1`) of the memory, bytes.
+    pub fn share(&self, fraction: f64) -> usize {
+        let share = self.bytes as f64 * fraction.clamp(0.0, 1.0);
+        usize::try_from(share as u64).unwrap_or(usize::MAX)
+    }
+}
+
+/// What the KV pool of an engine is sized from after the weights are loaded: the GPU's free
+/// memory when the engine runs on one (`device_free`), else the host's available memory read
+/// from `sources`.
+pub fn kv_cache_memory(
+    device_free: Option<u64>,
+    sources: &MemorySources,
+) -> Result<KvCacheMemory, ReadAvailableMemoryError> {
+    Ok(match device_free {
+        Some(bytes) => KvCacheMemory {
+            bytes,
+            source: KvPoolSizing::DeviceMemory,
+            cgroup_limited: false,
+        },
+        None => {
+            let host = available_memory(sources)?;
+            KvCacheMemory {
+                bytes: host.bytes,
+                source: KvPoolSizing::HostMemory,
+                cgroup_limited: host.cgroup_limited,
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +233,29 @@ mod tests {
             available_memory(&sources),
             Err(ReadAvailableMemoryError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn the_kv_cache_takes_its_share_of_the_gpu_when_there_is_one_else_of_the_host() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sources = sources(dir.path());
+        let gpu = kv_cache_memory(Some(80 << 30), &sources).expect("device figure");
+        assert_eq!(gpu.source, KvPoolSizing::DeviceMemory);
+        assert_eq!(gpu.share(0.5), 40 << 30);
+        let host = kv_cache_memory(None, &sources).expect("host figure");
+        assert_eq!(host.source, KvPoolSizing::HostMemory);
+        assert_eq!(host.bytes, 20_000_000 * 1024);
+        assert_eq!(host.share(0.25), 5_000_000 * 1024);
+        // Out-of-range fractions are clamped, never more than all of it.
+        assert_eq!(host.share(1.5), 20_000_000 * 1024);
+        assert_eq!(host.share(-1.0), 0);
+        // On a GPU the host's files are not read at all.
+        let nowhere = MemorySources {
+            meminfo: dir.path().join("absent"),
+            ..MemorySources::default()
+        };
+        assert!(kv_cache_memory(Some(1), &nowhere).is_ok());
+        assert!(kv_cache_memory(None, &nowhere).is_err());
     }
 
     #[test]

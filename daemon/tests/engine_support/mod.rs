@@ -74,14 +74,13 @@ impl FakeModel {
                 .block_table
                 .get(position / BLOCK_SIZE)
                 .ok_or(FakeForwardError::Uncovered(position))?;
-            let (k, v) = kv.read_block(0, block);
-            let (mut k, mut v) = (k.to_vec(), v.to_vec());
+            let (mut k, mut v) = kv.read_block(0, block).expect("a host pool");
             let slot = (position % BLOCK_SIZE) * 2;
             k[slot] = token as f32;
             k[slot + 1] = position as f32;
             v[slot] = token as f32;
             v[slot + 1] = position as f32;
-            kv.write_block(0, block, &k, &v);
+            kv.write_block(0, block, &k, &v).expect("a host pool");
         }
         Ok(())
     }
@@ -95,7 +94,7 @@ impl FakeModel {
                 .get(position / BLOCK_SIZE)
                 .ok_or(FakeForwardError::Uncovered(position))?;
             let slot = (position % BLOCK_SIZE) * 2;
-            let (k, _) = kv.read_block(0, block);
+            let (k, _) = kv.read_block(0, block).expect("a host pool");
             if k[slot + 1] != position as f32 {
                 return Err(FakeForwardError::WrongPosition {
                     expected: position,
@@ -115,6 +114,10 @@ impl ForwardModel for FakeModel {
 
     fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    fn new_pool(&self, num_blocks: usize) -> Result<KvPool, Self::Error> {
+        Ok(KvPool::new(self.config(), num_blocks))
     }
 
     fn forward(

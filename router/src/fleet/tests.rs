@@ -53,6 +53,8 @@ fn snapshot(model: &str, skills: Vec<SkillState>) -> DaemonState {
             total_blocks: 64,
             pinned_budget_blocks: 32,
             kv_bytes_per_token: 10,
+            sized_from: Default::default(),
+            memory_available_bytes: None,
         },
         load: LoadFigures::default(),
         desired_generation: None,

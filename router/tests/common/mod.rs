@@ -105,6 +105,8 @@ fn snapshot(state: &FakeState) -> DaemonState {
             total_blocks: 256,
             pinned_budget_blocks: 128,
             kv_bytes_per_token: 100,
+            sized_from: Default::default(),
+            memory_available_bytes: None,
         },
         load: LoadFigures::default(),
         desired_generation: None,

@@ -17,7 +17,6 @@ use crate::cli::bench::percentile;
 use crate::cli::serve::default_model_path;
 use crate::engine::batch::{BLOCK_SIZE, BlockId, ForwardBatch, SeqChunk};
 use crate::engine::device::{DeviceRequest, select_device};
-use crate::engine::kv_pool::KvPool;
 use crate::engine::model::{LlamaModel, LoadOptions};
 use crate::engine::sampling::SamplingParams;
 use crate::engine::{Engine, EngineConfig, GenerateRequest, GenerationEvent, KvCacheSize};
@@ -122,7 +121,7 @@ fn measure_prefill(model: &LlamaModel, args: &BenchEngineArgs) -> anyhow::Result
     let chunk = args.chunk.max(1);
     let prompt = token_ids(args.prefill_tokens, 0);
     let blocks = blocks_for(0, prompt.len());
-    let mut pool = KvPool::new(model.config(), blocks.len());
+    let mut pool = model.new_pool(blocks.len())?;
     let mut rates = Vec::new();
     for _ in 0..args.repeats.max(1) {
         let started = Instant::now();
@@ -150,7 +149,7 @@ fn measure_decode(
 ) -> anyhow::Result<DecodeFigure> {
     let positions = args.decode_prompt + args.decode_steps;
     let tables: Vec<Vec<BlockId>> = (0..streams).map(|s| blocks_for(s, positions)).collect();
-    let mut pool = KvPool::new(model.config(), streams * tables[0].len());
+    let mut pool = model.new_pool(streams * tables[0].len())?;
     let mut rates = Vec::new();
     for _ in 0..args.repeats.max(1) {
         let mut next = Vec::with_capacity(streams);

@@ -111,6 +111,10 @@ impl<M: ForwardModel> ForwardModel for LogitTap<M> {
         self.inner.config()
     }
 
+    fn new_pool(&self, num_blocks: usize) -> Result<KvPool, Self::Error> {
+        self.inner.new_pool(num_blocks)
+    }
+
     fn forward(
         &self,
         batch: &ForwardBatch<'_>,

@@ -67,10 +67,16 @@ impl Engine {
         };
         let eos = tokenizer.as_ref().map(|tokenizer| tokenizer.eos_token_id());
         let model_config = model.config().clone();
+        let kv = model
+            .new_pool(num_blocks)
+            .map_err(|source| StartEngineError::AllocateKvPool {
+                num_blocks,
+                source: Box::new(source),
+            })?;
         let scheduler = Scheduler::new(
             model,
             limits,
-            num_blocks,
+            kv,
             eos,
             waiting_new.clone(),
             cache_events.clone(),
@@ -515,7 +521,16 @@ fn apply_command<M: ForwardModel>(scheduler: &mut Scheduler<M>, command: Command
             let _ = reply.send(scheduler.stats());
         }
         Command::ExportPin(id, reply) => {
-            let _ = reply.send(scheduler.export_pin(id));
+            let exported = scheduler.export_pin(id).unwrap_or_else(|error| {
+                tracing::warn!(
+                    pin = id.0,
+                    error = %error,
+                    cause = %error.source,
+                    "could not read a pinned prefix's KV out of the pool"
+                );
+                None
+            });
+            let _ = reply.send(exported);
         }
         Command::ImportPinned(request, reply) => {
             let (root, tokens, kv) = *request;

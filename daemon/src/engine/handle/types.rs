@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use skillkv_api::block_hash::{BlockHash, HashNamespace};
 
+use crate::engine::kv_pool::KvPoolOpError;
 use crate::engine::sampling::{SamplingParams, ValidateSamplingParamsError};
 
 /// How big the KV pool is.
@@ -160,6 +161,9 @@ pub enum GenerateError {
     /// The forward pass failed.
     #[error("forward pass failed")]
     Forward(#[source] Arc<dyn std::error::Error + Send + Sync>),
+    /// Copying KV inside the pool (a shared block, a modular segment) failed on the device.
+    #[error("copying KV inside the pool failed")]
+    KvCopy(#[source] Arc<KvPoolOpError>),
     /// The model returned fewer logits than asked for.
     #[error("the forward pass returned no logits for the sequence")]
     MissingLogits,
@@ -297,6 +301,15 @@ pub enum StartEngineError {
         field: &'static str,
         /// What is wrong with it.
         problem: String,
+    },
+    /// The KV pool could not be allocated where the model runs.
+    #[error("allocating the KV pool of {num_blocks} blocks failed")]
+    AllocateKvPool {
+        /// Blocks asked for.
+        num_blocks: usize,
+        /// The device's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The engine thread could not be spawned.
     #[error("spawning the engine thread failed")]

@@ -1,9 +1,9 @@
-//! The CUDA backend (feature `cuda`): every projection's weight is dequantized once at load
-//! time and kept on the GPU as a dense f32 matrix; each linear uploads its activation rows,
-//! runs cuBLAS SGEMM and downloads the result (`skillkv_kernels::gemm`). Attention, norms,
-//! RoPE and the paged KV pool stay on the host in this first version, through the same code as
-//! the CPU backend, so the KV pool, prefix cache and skill store are unchanged; moving the pool
-//! and the paged-attention kernels of `kernels/` onto the device is the next step (docs/gpu.md).
+//! The first CUDA backend (feature `cuda`), kept as the baseline the resident forward pass
+//! (`resident.rs`, what `--device cuda` runs) is tested against on a GPU: every projection's
+//! weight is dequantized once at load time and kept on the GPU as a dense f32 matrix; each
+//! linear uploads its activation rows, runs cuBLAS SGEMM and downloads the result
+//! (`skillkv_kernels::gemm`). Attention, norms, RoPE and the paged KV pool stay on the host,
+//! through the same code as the CPU backend.
 //!
 //! Numerics: cuBLAS sums in its own order (which may depend on the number of rows), so logits
 //! match the CPU backend within float rounding and greedy tokens agree, but a row's result is

@@ -70,6 +70,13 @@ pub enum ForwardError {
         /// Layers in the model.
         model_layers: usize,
     },
+    /// The pool is not where this forward pass reads and writes KV (a host pool given to the
+    /// resident forward pass, or the other way round).
+    #[error("the KV pool is not the {expected} pool this forward pass runs on")]
+    PoolElsewhere {
+        /// The pool the forward pass needs (`host`, or the kernels' name).
+        expected: &'static str,
+    },
     /// A backend operation failed.
     #[error(transparent)]
     Backend(#[from] BackendOpError),
@@ -77,6 +84,9 @@ pub enum ForwardError {
     #[error(transparent)]
     Kernel(#[from] KernelOpError),
 }
+
+/// What the host forward pass answers for a pool kept on a device.
+const HOST_POOL_NEEDED: ForwardError = ForwardError::PoolElsewhere { expected: "host" };
 
 /// Weights of one transformer block.
 #[derive(Debug)]
@@ -294,7 +304,7 @@ impl<B: Backend> Llama<B> {
             let normed = rms_norm(&hidden, &layer.attn_norm, c.rms_eps);
             let mut qkv = self.backend.linear(&layer.qkv, normed, rows)?;
             {
-                let (k_pool, v_pool) = kv.layer_mut(index);
+                let (k_pool, v_pool) = kv.layer_mut(index).ok_or(HOST_POOL_NEEDED)?;
                 for ((row, &(position, table)), q_out) in qkv
                     .chunks_exact_mut(qkv_width)
                     .zip(&positions)
@@ -308,7 +318,7 @@ impl<B: Backend> Llama<B> {
                     write_kv(k_pool, v_pool, table, position, k, v, c);
                 }
             }
-            let (k_pool, v_pool) = kv.layer(index);
+            let (k_pool, v_pool) = kv.layer(index).ok_or(HOST_POOL_NEEDED)?;
             let attended = self.backend.attention(
                 shape,
                 &queries,

@@ -14,8 +14,13 @@ pub mod ops;
 pub mod resident;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Content;
+use skillkv_kernels::ops::PoolOps;
+#[cfg(feature = "cuda")]
+use skillkv_kernels::ops::cuda::CudaOps;
+use skillkv_kernels::ops::host::HostOps;
 
 use crate::engine::batch::{ForwardBatch, ForwardOutput};
 use crate::engine::device::EngineDevice;
@@ -23,6 +28,7 @@ use crate::engine::gguf::{GgufFile, LoadModelError, ModelConfig, file_sha256};
 use crate::engine::kv_pool::KvPool;
 use crate::engine::model::cpu::CpuBackend;
 use crate::engine::model::llama::Llama;
+use crate::engine::model::resident::{ResidentLlama, ResidentPool};
 
 pub use crate::engine::model::llama::ForwardError;
 
@@ -50,7 +56,8 @@ pub struct LoadedModel {
     pub model_digest: String,
 }
 
-/// A Llama-family model on the CPU or the CUDA backend.
+/// A Llama-family model on the CPU backend, or the resident forward pass on a GPU (or, for
+/// tests, through the kernels' host references).
 #[derive(Debug)]
 pub struct LlamaModel {
     inner: OnBackend,
@@ -59,9 +66,14 @@ pub struct LlamaModel {
 /// The forward pass on the backend it was loaded onto.
 #[derive(Debug)]
 enum OnBackend {
+    /// The host forward pass with the CPU kernels; a host pool.
     Cpu(Llama<CpuBackend>),
+    /// The resident forward pass through the kernels' host references; its pool is a
+    /// [`ResidentPool<HostOps>`].
+    HostKernels(ResidentLlama<HostOps>),
+    /// The resident forward pass on a GPU; its pool is a [`ResidentPool<CudaOps>`].
     #[cfg(feature = "cuda")]
-    Cuda(Llama<cuda::CudaBackend>),
+    Cuda(ResidentLlama<CudaOps>),
 }
 
 impl LlamaModel {
@@ -78,12 +90,24 @@ impl LlamaModel {
             EngineDevice::Cpu => {
                 OnBackend::Cpu(Llama::load(CpuBackend, config.clone(), &mut file)?)
             }
-            #[cfg(feature = "cuda")]
-            EngineDevice::Cuda(device) => OnBackend::Cuda(Llama::load(
-                cuda::CudaBackend::new(device.clone()),
+            EngineDevice::HostKernels => OnBackend::HostKernels(ResidentLlama::load(
+                Arc::new(HostOps),
                 config.clone(),
                 &mut file,
             )?),
+            #[cfg(feature = "cuda")]
+            EngineDevice::Cuda(device) => {
+                let ops =
+                    CudaOps::new(device.clone()).map_err(|source| LoadModelError::Tensor {
+                        tensor: "kernels".to_string(),
+                        source: Box::new(candle_core::Error::wrap(source)),
+                    })?;
+                OnBackend::Cuda(ResidentLlama::load(
+                    Arc::new(ops),
+                    config.clone(),
+                    &mut file,
+                )?)
+            }
         };
         let model_digest = file_sha256(path)?;
         tracing::info!(
@@ -109,12 +133,29 @@ impl LlamaModel {
     pub fn config(&self) -> &ModelConfig {
         match &self.inner {
             OnBackend::Cpu(llama) => llama.config(),
+            OnBackend::HostKernels(llama) => llama.config(),
             #[cfg(feature = "cuda")]
             OnBackend::Cuda(llama) => llama.config(),
         }
     }
 
-    /// The backend's name (`cpu`, `cuda`).
+    /// A zeroed KV pool of `num_blocks` blocks where this model's forward pass keeps KV: host
+    /// memory for the CPU backend, the device for the resident ones.
+    pub fn new_pool(&self, num_blocks: usize) -> Result<KvPool, ForwardError> {
+        let config = self.config();
+        Ok(match &self.inner {
+            OnBackend::Cpu(_) => KvPool::new(config, num_blocks),
+            OnBackend::HostKernels(llama) => {
+                KvPool::on_device(config, num_blocks, Box::new(llama.new_pool(num_blocks)?))
+            }
+            #[cfg(feature = "cuda")]
+            OnBackend::Cuda(llama) => {
+                KvPool::on_device(config, num_blocks, Box::new(llama.new_pool(num_blocks)?))
+            }
+        })
+    }
+
+    /// The backend's name (`cpu`, `host-kernels`, `cuda`).
     pub fn backend_name(&self) -> &'static str {
         self.inner.name()
     }
@@ -128,16 +169,31 @@ impl LlamaModel {
     ) -> Result<ForwardOutput, ForwardError> {
         match &self.inner {
             OnBackend::Cpu(llama) => llama.forward(batch, kv),
+            OnBackend::HostKernels(llama) => {
+                llama.forward(batch, resident_pool(kv, "host-kernels")?)
+            }
             #[cfg(feature = "cuda")]
-            OnBackend::Cuda(llama) => llama.forward(batch, kv),
+            OnBackend::Cuda(llama) => llama.forward(batch, resident_pool(kv, "cuda")?),
         }
     }
+}
+
+/// The resident pool of kernels `K` inside `kv`, or what the forward pass answers when `kv`
+/// is elsewhere.
+fn resident_pool<'a, K: PoolOps + 'static>(
+    kv: &'a mut KvPool,
+    kernels: &'static str,
+) -> Result<&'a mut ResidentPool<K>, ForwardError> {
+    kv.device_mut()
+        .and_then(|device| device.downcast_mut::<ResidentPool<K>>())
+        .ok_or(ForwardError::PoolElsewhere { expected: kernels })
 }
 
 impl OnBackend {
     fn name(&self) -> &'static str {
         match self {
             Self::Cpu(_) => "cpu",
+            Self::HostKernels(_) => "host-kernels",
             #[cfg(feature = "cuda")]
             Self::Cuda(_) => "cuda",
         }

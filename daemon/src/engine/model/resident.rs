@@ -11,13 +11,15 @@
 //! host [`KvPool`](crate::engine::kv_pool::KvPool) — K `[block][kv_head][head_dim][slot]`, V
 //! `[block][kv_head][slot][head_dim]` — so block tables and slots mean the same on both.
 //!
-//! Not yet wired into the engine: the scheduler, prefix cache and skill store still own a host
-//! `KvPool` (docs/gpu.md, "What is not done").
+//! The engine runs it through [`LlamaModel`](crate::engine::model::LlamaModel): the pool is a
+//! [`KvPool`](crate::engine::kv_pool::KvPool) on the device ([`ResidentPool`] behind
+//! [`DeviceKv`](crate::engine::kv_pool::DeviceKv)), so the scheduler, the prefix cache and the
+//! skill store work unchanged.
 
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
-use skillkv_kernels::ops::{ColumnRange, DeviceRope, HeadRange, KernelOpError, KernelOps};
+use skillkv_kernels::ops::{ColumnRange, DeviceRope, HeadRange, KernelOpError, KernelOps, PoolOps};
 use skillkv_kernels::reference::attention::{AttentionShape, ChunkRows};
 use skillkv_kernels::reference::kv::{KvShape, RowLayout, flat_slot};
 
@@ -101,39 +103,13 @@ struct LayerNorms<F> {
 
 /// A Llama model whose forward pass runs on `K`'s buffers.
 #[derive(Debug)]
-pub struct ResidentLlama<K: KernelOps> {
+pub struct ResidentLlama<K: PoolOps> {
     ops: Arc<K>,
     llama: Llama<OpsBackend<K>>,
     embedding: K::F32,
     norms: Vec<LayerNorms<K::F32>>,
     output_norm: K::F32,
     rope: DeviceRope<K::F32>,
-}
-
-/// One layer's K and V of a [`ResidentPool`].
-#[derive(Debug)]
-struct ResidentLayer<F> {
-    k: F,
-    v: F,
-}
-
-/// The paged KV pool in `K`'s buffers, laid out as the host pool.
-#[derive(Debug)]
-pub struct ResidentPool<K: KernelOps> {
-    layers: Vec<ResidentLayer<K::F32>>,
-    num_blocks: usize,
-}
-
-impl<K: KernelOps> ResidentPool<K> {
-    /// Blocks in the pool.
-    pub fn num_blocks(&self) -> usize {
-        self.num_blocks
-    }
-
-    /// Layers in the pool.
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
 }
 
 /// The sizes of one forward pass's activations.
@@ -144,7 +120,7 @@ struct Widths {
     qkv: usize,
 }
 
-impl<K: KernelOps> ResidentLlama<K> {
+impl<K: PoolOps> ResidentLlama<K> {
     /// Reads every weight of `file` (checked for architecture and types) onto `ops`.
     pub fn load(
         ops: Arc<K>,
@@ -195,16 +171,7 @@ impl<K: KernelOps> ResidentLlama<K> {
 
     /// A zeroed pool of `num_blocks` blocks for this model.
     pub fn new_pool(&self, num_blocks: usize) -> Result<ResidentPool<K>, KernelOpError> {
-        let floats = num_blocks * self.kv_shape().block_floats();
-        let layers = (0..self.config().n_layers)
-            .map(|_| {
-                Ok(ResidentLayer {
-                    k: self.ops.zeros_f32(floats)?,
-                    v: self.ops.zeros_f32(floats)?,
-                })
-            })
-            .collect::<Result<_, KernelOpError>>()?;
-        Ok(ResidentPool { layers, num_blocks })
+        ResidentPool::new(self.ops.clone(), self.config(), num_blocks)
     }
 
     fn kv_shape(&self) -> KvShape {
@@ -359,5 +326,8 @@ impl<K: KernelOps> ResidentLlama<K> {
     }
 }
 
+mod pool;
 #[cfg(test)]
 mod tests;
+
+pub use pool::ResidentPool;

@@ -2,9 +2,12 @@
 //! copy-on-write of a fully cached last block), modular copies and the `Started` event; a
 //! cache-only prefill that is all cached already is answered without running.
 
+use std::sync::Arc;
+
 use crate::engine::batch::BLOCK_SIZE;
 use crate::engine::blocks::blocks_for_tokens;
 use crate::engine::handle::{CachedPrefix, GenerateError, GenerationEvent};
+use crate::engine::kv_pool::KvPoolOpError;
 
 use super::sequence::{Purpose, Sequence};
 use super::{ForwardModel, Scheduler};
@@ -15,6 +18,8 @@ enum Refusal {
     NoRoomYet,
     /// Not enough blocks even with nothing running.
     NeverFits { needed: usize, available: usize },
+    /// Copying KV inside the pool failed on the device.
+    CopyFailed(KvPoolOpError),
 }
 
 impl<M: ForwardModel> Scheduler<M> {
@@ -45,6 +50,16 @@ impl<M: ForwardModel> Scheduler<M> {
                         "sequence can never fit in the KV pool"
                     );
                     self.fail(seq, GenerateError::KvCacheExhausted { needed, available });
+                }
+                Err(Refusal::CopyFailed(error)) => {
+                    tracing::error!(
+                        seq = seq.id,
+                        request_id = %seq.request_id,
+                        error = %error,
+                        cause = %error.source,
+                        "copying KV at admission failed"
+                    );
+                    self.fail(seq, GenerateError::KvCopy(Arc::new(error)));
                 }
             }
         }
@@ -145,15 +160,22 @@ impl<M: ForwardModel> Scheduler<M> {
             }
         }
         let mut fresh = fresh.into_iter();
+        let mut copied = Ok(());
         if copy_last && let (Some(last), Some(copy)) = (shared.pop(), fresh.next()) {
-            self.kv.copy_block(last, copy);
+            copied = self.kv.copy_block(last, copy);
             self.cache.release(last);
             shared.push(copy);
         }
+        // The blocks are the sequence's from here on: failing it releases them.
         for block in shared.into_iter().chain(fresh) {
             seq.table.push(block);
         }
-        self.copy_sources(seq, sources);
+        if let Err(error) = copied {
+            self.release_copy_sources(sources);
+            return Err(Refusal::CopyFailed(error));
+        }
+        self.copy_sources(seq, sources)
+            .map_err(Refusal::CopyFailed)?;
         if copy_last {
             seq.computed = len - 1;
             seq.registered = matched - 1;

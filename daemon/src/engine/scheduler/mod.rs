@@ -54,6 +54,10 @@ pub trait ForwardModel: Send + Sync + 'static {
     /// The model's hyperparameters (sizes the KV pool).
     fn config(&self) -> &ModelConfig;
 
+    /// A zeroed pool of `num_blocks` blocks where the forward pass keeps KV (host memory, or
+    /// the device it runs on).
+    fn new_pool(&self, num_blocks: usize) -> Result<KvPool, Self::Error>;
+
     /// Runs one batch, reading and writing `kv` as [`ForwardBatch`] describes.
     fn forward(
         &self,
@@ -101,16 +105,16 @@ pub struct Scheduler<M: ForwardModel> {
 }
 
 impl<M: ForwardModel> Scheduler<M> {
-    /// A scheduler over a fresh pool of `num_blocks` blocks.
+    /// A scheduler over `kv`, a fresh pool from [`ForwardModel::new_pool`].
     pub fn new(
         model: Arc<M>,
         limits: SchedulerLimits,
-        num_blocks: usize,
+        kv: KvPool,
         eos: Option<u32>,
         waiting_new: Arc<AtomicUsize>,
         cache_events: broadcast::Sender<CacheEvent>,
     ) -> Self {
-        let kv = KvPool::new(model.config(), num_blocks);
+        let num_blocks = kv.num_blocks();
         let config = model.config();
         let rope = RopeTable::new(config.head_dim, config.rope_theta, 1);
         Self {
@@ -328,6 +332,10 @@ impl ForwardModel for crate::engine::model::LlamaModel {
 
     fn config(&self) -> &ModelConfig {
         crate::engine::model::LlamaModel::config(self)
+    }
+
+    fn new_pool(&self, num_blocks: usize) -> Result<KvPool, Self::Error> {
+        crate::engine::model::LlamaModel::new_pool(self, num_blocks)
     }
 
     fn forward(

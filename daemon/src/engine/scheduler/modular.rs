@@ -16,6 +16,7 @@ use skillkv_api::block_hash::block_hashes_from;
 
 use crate::engine::batch::{BLOCK_SIZE, BlockId};
 use crate::engine::handle::ModularSpan;
+use crate::engine::kv_pool::KvPoolOpError;
 
 use super::sequence::Sequence;
 use super::{ForwardModel, Scheduler};
@@ -80,21 +81,35 @@ impl<M: ForwardModel> Scheduler<M> {
 
     /// Copies each source's rows into `seq`'s blocks (which must cover them), turning K by the
     /// segment's position, records the copied ranges, stops prefix-cache registration at the
-    /// first one and releases the sources.
-    pub(super) fn copy_sources(&mut self, seq: &mut Sequence, sources: Vec<CopySource>) {
+    /// first one and releases the sources. On a device failure every source is still released
+    /// and the first error returned.
+    pub(super) fn copy_sources(
+        &mut self,
+        seq: &mut Sequence,
+        sources: Vec<CopySource>,
+    ) -> Result<(), KvPoolOpError> {
         if let Some(first) = sources.first() {
             seq.register_limit = first.first_position() / BLOCK_SIZE;
         }
+        let mut failure = None;
         for source in sources {
+            if failure.is_some() {
+                self.cache.release_all(source.blocks);
+                continue;
+            }
             let rotation = self.rope.delta(source.span_start as i64);
             let count = source.target.len();
-            self.kv.copy_rows(
+            let copied = self.kv.copy_rows(
                 (&source.blocks, source.target.start - source.span_start),
                 (seq.table.blocks(), source.target.start),
                 count,
                 Some(&rotation),
             );
             self.cache.release_all(source.blocks);
+            if let Err(error) = copied {
+                failure = Some(error);
+                continue;
+            }
             tracing::debug!(
                 seq = seq.id,
                 span_start = source.span_start,
@@ -104,6 +119,7 @@ impl<M: ForwardModel> Scheduler<M> {
             );
             seq.copied.push(source.target);
         }
+        failure.map_or(Ok(()), Err)
     }
 }
 

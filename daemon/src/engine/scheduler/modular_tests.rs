@@ -49,10 +49,11 @@ fn scheduler(reuse_prefixes: bool) -> Scheduler<LlamaModel> {
         max_seqs: 4,
         reuse_prefixes,
     };
+    let kv = loaded.model.new_pool(32).expect("pool");
     Scheduler::new(
         Arc::new(loaded.model),
         limits,
-        32,
+        kv,
         None,
         Arc::new(AtomicUsize::new(0)),
         broadcast::channel(64).0,
@@ -104,7 +105,7 @@ fn rows(
         n_kv_heads: config.n_kv_heads,
         head_dim: config.head_dim,
     };
-    let (k, v) = scheduler.kv.layer(layer);
+    let (k, v) = scheduler.kv.layer(layer).expect("a host pool");
     positions
         .map(|p| (read_k(k, table, p, shape), read_v(v, table, p, shape)))
         .collect()

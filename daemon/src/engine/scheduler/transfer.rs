@@ -1,11 +1,13 @@
 //! Moving a pinned prefix's KV out of the pool and back in: what the node's skill store
 //! ([`crate::skills::store`]) saves after a prefill and loads at start instead of recomputing.
 
+use std::sync::Arc;
+
 use skillkv_api::block_hash::{BlockHash, block_hashes_from};
 
 use crate::engine::batch::{BLOCK_SIZE, BlockId};
 use crate::engine::handle::{PinId, PinnedPrefix};
-use crate::engine::kv_pool::KvPool;
+use crate::engine::kv_pool::{KvPool, KvPoolOpError};
 
 use super::{ForwardModel, Scheduler};
 
@@ -36,34 +38,42 @@ pub enum ImportPrefixError {
     /// The engine thread is gone.
     #[error("the engine is not running")]
     EngineStopped,
+    /// The device failed to take the values.
+    #[error("the stored KV could not be written into the pool")]
+    Write(#[source] Arc<KvPoolOpError>),
 }
 
 impl<M: ForwardModel> Scheduler<M> {
     /// The KV of the blocks of pin `pin_id`, `None` for an unknown pin.
-    pub fn export_pin(&self, pin_id: PinId) -> Option<PrefixKv> {
-        let hashes = self.pins.get(&pin_id.0)?;
-        let blocks: Vec<BlockId> = hashes
+    pub fn export_pin(&self, pin_id: PinId) -> Result<Option<PrefixKv>, KvPoolOpError> {
+        let Some(hashes) = self.pins.get(&pin_id.0) else {
+            return Ok(None);
+        };
+        let Some(blocks) = hashes
             .iter()
             .map(|hash| self.cache.block_of(hash))
-            .collect::<Option<_>>()?;
+            .collect::<Option<Vec<BlockId>>>()
+        else {
+            return Ok(None);
+        };
         let block_floats = KvPool::floats_per_block_layer(self.model.config());
         let layers = (0..self.kv.num_layers())
             .map(|layer| {
                 let mut k = Vec::with_capacity(blocks.len() * block_floats);
                 let mut v = Vec::with_capacity(blocks.len() * block_floats);
                 for &block in &blocks {
-                    let (block_k, block_v) = self.kv.read_block(layer, block);
-                    k.extend_from_slice(block_k);
-                    v.extend_from_slice(block_v);
+                    let (block_k, block_v) = self.kv.read_block(layer, block)?;
+                    k.extend_from_slice(&block_k);
+                    v.extend_from_slice(&block_v);
                 }
-                (k, v)
+                Ok((k, v))
             })
-            .collect();
-        Some(PrefixKv {
+            .collect::<Result<_, KvPoolOpError>>()?;
+        Ok(Some(PrefixKv {
             block_floats,
             blocks: blocks.len(),
             layers,
-        })
+        }))
     }
 
     /// Writes `kv` as the full blocks of `tokens` (chained from `root`), inserts them into the
@@ -106,9 +116,20 @@ impl<M: ForwardModel> Scheduler<M> {
                 });
             };
             let range = index * block_floats..(index + 1) * block_floats;
-            for (layer, (k, v)) in kv.layers.iter().enumerate() {
-                self.kv
-                    .write_block(layer, block, &k[range.clone()], &v[range.clone()]);
+            let written = kv
+                .layers
+                .iter()
+                .enumerate()
+                .try_for_each(|(layer, (k, v))| {
+                    self.kv
+                        .write_block(layer, block, &k[range.clone()], &v[range.clone()])
+                });
+            if let Err(error) = written {
+                // The block holds partial values: it goes back to the free list unregistered.
+                self.cache.release(block);
+                self.cache.release_all(held);
+                self.publish_cache_events();
+                return Err(ImportPrefixError::Write(Arc::new(error)));
             }
             let parent = index.checked_sub(1).map(|previous| hashes[previous]);
             held.push(self.cache.insert(parent, *hash, block));
