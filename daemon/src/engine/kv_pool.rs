@@ -207,13 +207,8 @@ impl KvPool {
         let shape = self.shape;
         match &mut self.storage {
             Storage::Host(layers) => {
-                let slots = |table: &[BlockId], start: usize| -> Vec<u32> {
-                    (start..start + count)
-                        .map(|position| kv::flat_slot(table, position))
-                        .collect()
-                };
-                let (src_slots, dst_slots) =
-                    (slots(src_table, src_start), slots(dst_table, dst_start));
+                let src_slots = kv::flat_slots(src_table, src_start..src_start + count);
+                let dst_slots = kv::flat_slots(dst_table, dst_start..dst_start + count);
                 for layer in layers {
                     kv::copy_rows(&mut layer.k, &mut layer.v, &src_slots, &dst_slots, shape);
                     if let Some(rotation) = rotation {

@@ -127,6 +127,13 @@ pub fn flat_slot(block_table: &[u32], position: usize) -> u32 {
     (block * BLOCK_SIZE + slot) as u32
 }
 
+/// The flat slots of `positions` through `block_table`, in order.
+pub fn flat_slots(block_table: &[u32], positions: std::ops::Range<usize>) -> Vec<u32> {
+    positions
+        .map(|position| flat_slot(block_table, position))
+        .collect()
+}
+
 fn locate(block_table: &[u32], position: usize) -> (usize, usize) {
     (
         block_table[position / BLOCK_SIZE] as usize,

@@ -7,7 +7,7 @@ use std::any::Any;
 use std::sync::Arc;
 
 use skillkv_kernels::ops::{KernelOpError, PoolOps};
-use skillkv_kernels::reference::kv::{KvShape, flat_slot};
+use skillkv_kernels::reference::kv::{KvShape, flat_slots};
 use skillkv_kernels::reference::rope::PairRotation;
 
 use crate::engine::batch::{BLOCK_SIZE, BlockId};
@@ -104,17 +104,12 @@ impl<K: PoolOps + 'static> DeviceKv for ResidentPool<K> {
     ) -> Result<(), KvPoolOpError> {
         let error = failed("copy rows");
         let ops = &*self.ops;
-        let slots = |table: &[BlockId], start: usize| -> Vec<u32> {
-            (start..start + count)
-                .map(|position| flat_slot(table, position))
-                .collect()
-        };
         let bound = self.num_blocks * BLOCK_SIZE;
         let src_slots = ops
-            .upload_indices(&slots(src_table, src_start), bound)
+            .upload_indices(&flat_slots(src_table, src_start..src_start + count), bound)
             .map_err(&error)?;
         let dst_slots = ops
-            .upload_indices(&slots(dst_table, dst_start), bound)
+            .upload_indices(&flat_slots(dst_table, dst_start..dst_start + count), bound)
             .map_err(&error)?;
         let turn = match rotation {
             Some(rotation) => Some((
