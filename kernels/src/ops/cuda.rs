@@ -10,7 +10,8 @@
 
 mod pool;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::driver::{
     CudaFunction, CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
@@ -36,6 +37,8 @@ impl<T> Buffer for CudaSlice<T> {
 pub struct CudaOps {
     device: Arc<GpuDevice>,
     loader: KernelLoader,
+    /// Functions already looked up, by entry point (a decode step launches ~15 per layer).
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
 }
 
 impl CudaOps {
@@ -48,7 +51,11 @@ impl CudaOps {
                 source: Box::new(source),
             }
         })?;
-        Ok(Self { device, loader })
+        Ok(Self {
+            device,
+            loader,
+            functions: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The device.
@@ -56,10 +63,25 @@ impl CudaOps {
         &self.device
     }
 
-    fn function(&self, op: &'static str, entry_point: &str) -> Result<CudaFunction, KernelOpError> {
-        self.loader
+    /// The kernel `entry_point`, compiled and loaded on first use, then kept.
+    fn function(
+        &self,
+        op: &'static str,
+        entry_point: &'static str,
+    ) -> Result<CudaFunction, KernelOpError> {
+        let mut functions = self
+            .functions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(function) = functions.get(entry_point) {
+            return Ok(function.clone());
+        }
+        let function = self
+            .loader
             .function(entry_point)
-            .map_err(|source| device_error(op, source))
+            .map_err(|source| device_error(op, source))?;
+        functions.insert(entry_point, function.clone());
+        Ok(function)
     }
 
     /// Checks that every buffer is this device's.
