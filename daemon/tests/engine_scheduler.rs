@@ -1,7 +1,7 @@
 //! Scheduler and engine-API mechanics with a deterministic fake model that reads its history
 //! back from the paged KV pool: batching equals sequential, reuse equals recompute, chunked
-//! prefill under the token budget, preemption, cancellation, overload, pinning, events and
-//! request validation.
+//! prefill under the token budget, preemption, cancellation, overload, pinning, events,
+//! request validation, and a device pool's failed copy failing only its request.
 
 mod engine_support;
 
@@ -433,4 +433,98 @@ async fn stored_and_evicted_blocks_are_published_with_their_hashes() {
         }
     }
     assert_eq!(evicted, vec![hashes[1], hashes[0]], "leaf first");
+}
+
+#[tokio::test]
+async fn a_failed_device_copy_fails_only_that_request_and_frees_its_blocks() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let switch = Arc::new(AtomicBool::new(false));
+    let (engine, _) = start(FakeModel::with_failing_copies(switch.clone()), config(64));
+    // Two full blocks: the second time every block is cached and the last one is copied
+    // (copy-on-write) before its last token is recomputed.
+    let tokens = prompt(2 * BLOCK_TOKENS, 7, FAKE_VOCAB);
+    let run = |id: &'static str| {
+        let stream = engine
+            .submit(greedy(id, tokens.clone(), 5))
+            .expect("submit");
+        collect(stream)
+    };
+    let first = run("first").await;
+    assert_eq!(first.reason, Some(FinishReason::Length), "{first:?}");
+
+    switch.store(true, Ordering::SeqCst);
+    let failed = run("failed").await;
+    let message = failed
+        .failed
+        .as_deref()
+        .expect("the copy fails the request");
+    assert!(
+        message.contains("copying KV inside the pool failed"),
+        "{message}"
+    );
+    assert!(failed.tokens.is_empty(), "{failed:?}");
+    assert_idle(&engine).await;
+
+    switch.store(false, Ordering::SeqCst);
+    let again = run("again").await;
+    assert_eq!(again.tokens, first.tokens);
+    assert_eq!(again.cached_tokens, Some(2 * BLOCK_TOKENS - 1));
+    assert_idle(&engine).await;
+}
+
+#[tokio::test]
+async fn a_failed_modular_copy_fails_only_that_request_and_leaves_the_pins_alone() {
+    use skillkv_daemon::engine::ModularSpan;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let switch = Arc::new(AtomicBool::new(false));
+    let (engine, _) = start(FakeModel::with_failing_copies(switch.clone()), config(64));
+    let first = prompt(20, 1, FAKE_VOCAB);
+    let second = prompt(40, 2, FAKE_VOCAB);
+    for skill in [&first, &second] {
+        engine
+            .pin(PinRequest {
+                tokens: skill.clone(),
+                adapter: None,
+            })
+            .await
+            .expect("pins");
+    }
+    let pinned = engine.stats().await.expect("stats").kv.pinned;
+    let tokens: Vec<u32> = [first.as_slice(), &second, &prompt(6, 3, FAKE_VOCAB)].concat();
+    let span = ModularSpan {
+        start: first.len(),
+        len: second.len(),
+        recompute: 0,
+    };
+    let run = |id: &'static str| {
+        let stream = engine
+            .submit_assembled(greedy(id, tokens.clone(), 4), vec![span])
+            .expect("submit");
+        collect(stream)
+    };
+    switch.store(true, Ordering::SeqCst);
+    let failed = run("failed").await;
+    let message = failed
+        .failed
+        .as_deref()
+        .expect("the copy fails the request");
+    assert!(
+        message.contains("copying KV inside the pool failed"),
+        "{message}"
+    );
+    assert_idle(&engine).await;
+    assert_eq!(engine.stats().await.expect("stats").kv.pinned, pinned);
+
+    // The engine goes on serving (exactly: the fake model reads positions back from K, which
+    // a rotated copy does not keep).
+    switch.store(false, Ordering::SeqCst);
+    let served = collect(
+        engine
+            .submit(greedy("served", tokens.clone(), 4))
+            .expect("submit"),
+    )
+    .await;
+    assert_eq!(served.reason, Some(FinishReason::Length), "{served:?}");
+    assert_eq!(served.tokens.len(), 4);
+    assert_idle(&engine).await;
 }

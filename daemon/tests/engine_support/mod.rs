@@ -4,7 +4,12 @@
 
 #![allow(dead_code)]
 
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
+
+use skillkv_kernels::ops::KernelOpError;
+use skillkv_kernels::reference::rope::PairRotation;
 
 use skillkv_daemon::engine::ForwardModel;
 use skillkv_daemon::engine::batch::{BLOCK_SIZE, ForwardBatch, ForwardOutput, SeqChunk};
@@ -12,7 +17,7 @@ use skillkv_daemon::engine::gguf::ModelConfig;
 use skillkv_daemon::engine::handle::{
     FinishReason, GenerateRequest, GenerationEvent, GenerationStream,
 };
-use skillkv_daemon::engine::kv_pool::KvPool;
+use skillkv_daemon::engine::kv_pool::{DeviceKv, KvPool, KvPoolOpError};
 use skillkv_daemon::engine::sampling::SamplingParams;
 
 /// Vocabulary of the fake model.
@@ -37,6 +42,69 @@ pub struct FakeModel {
     pub batch_sizes: Mutex<Vec<usize>>,
     /// While set, each forward pass first waits for a permit (or for the sender to drop).
     pub gate: Mutex<Option<mpsc::Receiver<()>>>,
+    /// With a switch, the pool is a device pool ([`FlakyDeviceKv`]) whose copies fail while
+    /// the switch is on.
+    pub failing_copies: Option<Arc<AtomicBool>>,
+}
+
+/// A "device" pool over a host [`KvPool`] whose block and row copies fail while `fail` is on,
+/// as a GPU's would after a device error.
+#[derive(Debug)]
+pub struct FlakyDeviceKv {
+    inner: KvPool,
+    fail: Arc<AtomicBool>,
+}
+
+impl FlakyDeviceKv {
+    fn check(&self, operation: &'static str) -> Result<(), KvPoolOpError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(KvPoolOpError {
+                operation,
+                source: KernelOpError::Device {
+                    op: operation,
+                    backend: "flaky",
+                    source: Box::new(std::io::Error::other("injected device failure")),
+                },
+            });
+        }
+        Ok(())
+    }
+}
+
+impl DeviceKv for FlakyDeviceKv {
+    fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), KvPoolOpError> {
+        self.check("copy block")?;
+        self.inner.copy_block(src, dst)
+    }
+
+    fn copy_rows(
+        &mut self,
+        src: (&[u32], usize),
+        dst: (&[u32], usize),
+        count: usize,
+        rotation: Option<&PairRotation>,
+    ) -> Result<(), KvPoolOpError> {
+        self.check("copy rows")?;
+        self.inner.copy_rows(src, dst, count, rotation)
+    }
+
+    fn read_block(&self, layer: usize, block: u32) -> Result<(Vec<f32>, Vec<f32>), KvPoolOpError> {
+        self.inner.read_block(layer, block)
+    }
+
+    fn write_block(
+        &mut self,
+        layer: usize,
+        block: u32,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), KvPoolOpError> {
+        self.inner.write_block(layer, block, k, v)
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
 }
 
 impl FakeModel {
@@ -56,6 +124,15 @@ impl FakeModel {
             },
             batch_sizes: Mutex::new(Vec::new()),
             gate: Mutex::new(None),
+            failing_copies: None,
+        }
+    }
+
+    /// A fake model on a [`FlakyDeviceKv`] pool whose copies fail while `switch` is on.
+    pub fn with_failing_copies(switch: Arc<AtomicBool>) -> Self {
+        Self {
+            failing_copies: Some(switch),
+            ..Self::new()
         }
     }
 
@@ -117,7 +194,18 @@ impl ForwardModel for FakeModel {
     }
 
     fn new_pool(&self, num_blocks: usize) -> Result<KvPool, Self::Error> {
-        Ok(KvPool::new(self.config(), num_blocks))
+        let host = KvPool::new(self.config(), num_blocks);
+        Ok(match &self.failing_copies {
+            None => host,
+            Some(fail) => KvPool::on_device(
+                self.config(),
+                num_blocks,
+                Box::new(FlakyDeviceKv {
+                    inner: host,
+                    fail: fail.clone(),
+                }),
+            ),
+        })
     }
 
     fn forward(
