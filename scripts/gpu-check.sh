@@ -53,13 +53,13 @@ find_libraries() {
         } | grep -v '\.alt\.' | head -1 || true)
         if [ -n "$found" ]; then
             ln -sf "$found" "$links/$name.so"
-            LD_LIBRARY_PATH=$(dirname "$found"):${LD_LIBRARY_PATH:-}
+            LD_LIBRARY_PATH=$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
             echo "library $name: $found"
         else
             echo "library $name: not found"
         fi
     done
-    export LD_LIBRARY_PATH=$links:$LD_LIBRARY_PATH
+    export LD_LIBRARY_PATH=$links${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 }
 
 run() {

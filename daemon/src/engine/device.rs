@@ -98,19 +98,27 @@ pub enum EngineDevice {
 
 impl EngineDevice {
     /// Free memory of the GPU now, bytes (the driver's `cuMemGetInfo` for this device); `None`
-    /// on the host or when the driver cannot say.
+    /// on the host, an error when the driver cannot say.
     ///
     /// The driver's figure rather than NVML's: NVML numbers devices in PCI order whatever
     /// `CUDA_VISIBLE_DEVICES` says, so its device `N` need not be `cuda:N`; the driver's is the
     /// device the pool is allocated on.
-    pub fn free_memory_bytes(&self) -> Option<u64> {
+    pub fn free_memory_bytes(&self) -> Result<Option<u64>, ReadDeviceMemoryError> {
         match self {
-            Self::Cpu | Self::HostKernels => None,
+            Self::Cpu | Self::HostKernels => Ok(None),
             #[cfg(feature = "cuda")]
-            Self::Cuda(device) => device.memory().ok().map(|memory| memory.free as u64),
+            Self::Cuda(device) => device
+                .memory()
+                .map(|memory| Some(memory.free as u64))
+                .map_err(|source| ReadDeviceMemoryError(Box::new(source))),
         }
     }
 }
+
+/// The GPU could not say how much memory is free.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the GPU's free memory failed")]
+pub struct ReadDeviceMemoryError(#[source] Box<dyn std::error::Error + Send + Sync>);
 
 /// The outcome of [`select_device`]: the device and what to report about it.
 #[derive(Debug, Clone)]

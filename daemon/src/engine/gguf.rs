@@ -124,6 +124,9 @@ pub enum LoadModelError {
         #[source]
         source: Box<candle_core::Error>,
     },
+    /// The device's kernels could not be compiled or loaded.
+    #[error("preparing the device's kernels failed")]
+    Kernels(#[source] skillkv_kernels::ops::KernelOpError),
 }
 
 /// An open GGUF file: its parsed header and a reader for its tensor data.

@@ -197,11 +197,12 @@ impl KvPool {
         count: usize,
         rotation: Option<&PairRotation>,
     ) -> Result<(), KvPoolOpError> {
-        if count > 0 {
-            for (table, start) in [(src_table, src_start), (dst_table, dst_start)] {
-                for &block in &table[start / BLOCK_SIZE..=(start + count - 1) / BLOCK_SIZE] {
-                    self.block_range(block);
-                }
+        if count == 0 {
+            return Ok(());
+        }
+        for (table, start) in [(src_table, src_start), (dst_table, dst_start)] {
+            for &block in &table[start / BLOCK_SIZE..=(start + count - 1) / BLOCK_SIZE] {
+                self.block_range(block);
             }
         }
         let shape = self.shape;

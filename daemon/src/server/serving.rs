@@ -8,7 +8,9 @@ use skillkv_api::admin::{DeviceInfo, KvPoolSizing, ModelInfo};
 use skillkv_api::v1alpha1::Assembly;
 
 use crate::engine::chat_template::{ChatTemplate, LoadTemplateError};
-use crate::engine::device::{DeviceRequest, SelectDeviceError, select_device};
+use crate::engine::device::{
+    DeviceRequest, ReadDeviceMemoryError, SelectDeviceError, select_device,
+};
 use crate::engine::gguf::LoadModelError;
 use crate::engine::handle::StartEngineError;
 use crate::engine::kv_pool::KvPool;
@@ -67,6 +69,9 @@ pub enum LoadServingError {
     /// The requested device cannot be used.
     #[error("choosing the engine's device failed")]
     Device(#[from] SelectDeviceError),
+    /// `kvCacheFraction` on a GPU whose free memory cannot be read.
+    #[error("sizing the KV pool from the GPU's memory failed")]
+    DeviceMemory(#[from] ReadDeviceMemoryError),
     /// Loading the GGUF failed.
     #[error("loading the model failed")]
     Model(#[from] LoadModelError),
@@ -156,7 +161,9 @@ impl Serving {
             device: selected.device.clone(),
         };
         let loaded = LlamaModel::load(path, &options)?;
-        selected.info.memory_free_after_weights_bytes = selected.device.free_memory_bytes();
+        let device_free = selected.device.free_memory_bytes();
+        selected.info.memory_free_after_weights_bytes =
+            device_free.as_ref().ok().copied().flatten();
         if let Some(requested) = model.context_length
             && requested > loaded.config.context_length
         {
@@ -168,10 +175,8 @@ impl Serving {
         }
         let mut kv_sizing = KvSizing::default();
         if let Some(fraction) = model.kv_cache_fraction {
-            let memory = kv_cache_memory(
-                selected.info.memory_free_after_weights_bytes,
-                &MemorySources::default(),
-            )?;
+            // On a GPU the pool is sized from the device or not at all: never from host memory.
+            let memory = kv_cache_memory(device_free?, &MemorySources::default())?;
             let bytes = memory.share(fraction);
             tracing::info!(
                 fraction,

@@ -42,7 +42,9 @@ pub struct CudaOps {
 }
 
 impl CudaOps {
-    /// Operations on `device`; kernels are compiled for its compute capability on first use.
+    /// Operations on `device`, with every kernel of the registry compiled for its compute
+    /// capability and loaded now: a kernel that does not compile stops the start, not a
+    /// request, and the modules' memory is taken before the KV pool is sized from what is free.
     pub fn new(device: Arc<GpuDevice>) -> Result<Self, KernelOpError> {
         let loader = KernelLoader::new(device.context().clone()).map_err(|source| {
             KernelOpError::Device {
@@ -51,11 +53,17 @@ impl CudaOps {
                 source: Box::new(source),
             }
         })?;
-        Ok(Self {
+        let ops = Self {
             device,
             loader,
             functions: Mutex::new(HashMap::new()),
-        })
+        };
+        for kernel in registry::KERNELS {
+            for entry_point in kernel.entry_points {
+                ops.function("load kernels", entry_point)?;
+            }
+        }
+        Ok(ops)
     }
 
     /// The device.

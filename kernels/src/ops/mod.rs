@@ -515,13 +515,8 @@ pub trait KernelOps: Send + Sync + std::fmt::Debug {
         let rows = product(OP, chunks.rows, shape.row_width())?;
         expect_len(OP, "queries", queries.len(), rows)?;
         expect_len(OP, "output", out.len(), rows)?;
-        expect_len(OP, "V pool", v_pool.len(), k_pool.len())?;
-        expect_len(
-            OP,
-            "K pool",
-            k_pool.len(),
-            product(OP, chunks.num_blocks, shape.kv().block_floats())?,
-        )?;
+        let blocks = pool::pool_blocks(OP, k_pool.len(), v_pool.len(), shape.kv().block_floats())?;
+        expect_len(OP, "pool blocks", blocks, chunks.num_blocks)?;
         if chunks.n_chunks == 0 || chunks.max_len == 0 {
             return Ok(());
         }

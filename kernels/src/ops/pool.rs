@@ -39,8 +39,10 @@ impl<F> DeviceRotation<F> {
     }
 }
 
-/// The blocks of one layer's pool (`k_pool`, `v_pool`) of `shape`, after checking both hold
-/// the same whole number of blocks.
+/// The blocks of one layer's pool (`k_pool`, `v_pool`) of `block_floats`-float blocks, after
+/// checking both hold the same whole number of blocks and that every flat slot
+/// (`block * 16 + slot`) fits the kernels' u32. The kernels address the pool with 64-bit
+/// offsets, so a pool may be larger than an `int` can count.
 pub(crate) fn pool_blocks(
     op: &'static str,
     k_len: usize,
@@ -49,7 +51,8 @@ pub(crate) fn pool_blocks(
 ) -> Result<usize, KernelOpError> {
     expect_len(op, "V pool", v_len, k_len)?;
     let blocks = k_len.checked_div(block_floats).unwrap_or(0);
-    expect_len(op, "K pool", k_len, product(op, blocks, block_floats)?)?;
+    expect_len(op, "K pool", k_len, blocks.saturating_mul(block_floats))?;
+    expect_within(op, "pool slots", blocks.saturating_mul(BLOCK_SIZE), 1 << 32)?;
     Ok(blocks)
 }
 
@@ -154,7 +157,8 @@ pub trait PoolOps: KernelOps {
         let (k_pool, v_pool) = pool;
         let blocks = pool_blocks(OP, k_pool.len(), v_pool.len(), shape.block_floats())?;
         expect_len(OP, "destinations", dst_slots.len(), src_slots.len())?;
-        let slots = product(OP, blocks, BLOCK_SIZE)?;
+        // Below 2^32: `pool_blocks` checked.
+        let slots = blocks * BLOCK_SIZE;
         expect_within(OP, "source slot bound", src_slots.bound(), slots)?;
         expect_within(OP, "destination slot bound", dst_slots.bound(), slots)?;
         product(OP, src_slots.len(), shape.width())?;

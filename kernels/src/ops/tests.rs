@@ -252,7 +252,10 @@ fn host_attention_through_packed_chunks_equals_the_reference() {
     let small = vec![0.0; 5 * shape.kv().block_floats()];
     assert!(matches!(
         ops.paged_attention(&queries, (&small, &small), &device_chunks, shape, &mut out),
-        Err(KernelOpError::Length { what: "K pool", .. })
+        Err(KernelOpError::Length {
+            what: "pool blocks",
+            ..
+        })
     ));
 }
 

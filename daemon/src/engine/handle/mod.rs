@@ -107,6 +107,9 @@ impl Engine {
     }
 }
 
+/// Most blocks a pool may have: every flat slot (`block * 16 + slot`) fits a u32.
+const MAX_BLOCKS: usize = (1 << 32) / BLOCK_TOKENS;
+
 /// Checks the config and returns the pool size in blocks.
 fn validate_config<M: ForwardModel>(
     config: &EngineConfig,
@@ -129,8 +132,9 @@ fn validate_config<M: ForwardModel>(
         KvCacheSize::Blocks(blocks) => blocks,
         KvCacheSize::Bytes(bytes) => bytes / KvPool::bytes_per_block(model.config()).max(1),
     };
-    if num_blocks == 0 || num_blocks > u32::MAX as usize {
-        return Err(invalid("kv_cache", "must give between 1 and 2^32-1 blocks"));
+    // Block ids are u32, and so are flat slots (`block * 16 + slot`) on a device.
+    if num_blocks == 0 || num_blocks > MAX_BLOCKS {
+        return Err(invalid("kv_cache", "must give between 1 and 2^28 blocks"));
     }
     Ok(num_blocks)
 }

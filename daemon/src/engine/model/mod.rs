@@ -97,11 +97,7 @@ impl LlamaModel {
             )?),
             #[cfg(feature = "cuda")]
             EngineDevice::Cuda(device) => {
-                let ops =
-                    CudaOps::new(device.clone()).map_err(|source| LoadModelError::Tensor {
-                        tensor: "kernels".to_string(),
-                        source: Box::new(candle_core::Error::wrap(source)),
-                    })?;
+                let ops = CudaOps::new(device.clone()).map_err(LoadModelError::Kernels)?;
                 OnBackend::Cuda(ResidentLlama::load(
                     Arc::new(ops),
                     config.clone(),
