@@ -435,6 +435,18 @@ async fn stored_and_evicted_blocks_are_published_with_their_hashes() {
     assert_eq!(evicted, vec![hashes[1], hashes[0]], "leaf first");
 }
 
+/// The request failed because a copy inside the pool did.
+fn assert_copy_failed(outcome: &engine_support::Collected) {
+    let message = outcome
+        .failed
+        .as_deref()
+        .expect("the copy fails the request");
+    assert!(
+        message.contains("copying KV inside the pool failed"),
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn a_failed_device_copy_fails_only_that_request_and_frees_its_blocks() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -454,14 +466,7 @@ async fn a_failed_device_copy_fails_only_that_request_and_frees_its_blocks() {
 
     switch.store(true, Ordering::SeqCst);
     let failed = run("failed").await;
-    let message = failed
-        .failed
-        .as_deref()
-        .expect("the copy fails the request");
-    assert!(
-        message.contains("copying KV inside the pool failed"),
-        "{message}"
-    );
+    assert_copy_failed(&failed);
     assert!(failed.tokens.is_empty(), "{failed:?}");
     assert_idle(&engine).await;
 
@@ -504,14 +509,7 @@ async fn a_failed_modular_copy_fails_only_that_request_and_leaves_the_pins_alone
     };
     switch.store(true, Ordering::SeqCst);
     let failed = run("failed").await;
-    let message = failed
-        .failed
-        .as_deref()
-        .expect("the copy fails the request");
-    assert!(
-        message.contains("copying KV inside the pool failed"),
-        "{message}"
-    );
+    assert_copy_failed(&failed);
     assert_idle(&engine).await;
     assert_eq!(engine.stats().await.expect("stats").kv.pinned, pinned);
 
