@@ -156,6 +156,12 @@ def test_state_reports_the_engine_device_and_why(skilled):
         assert device["memoryTotalBytes"] > 0
     else:
         assert "ordinal" not in device and "name" not in device
+        assert "memoryFreeAfterWeightsBytes" not in device
+    # The pool was given in bytes (--kv-cache-bytes), not as a fraction of any memory.
+    budget = state["kvBudget"]
+    assert budget["sizedFrom"] == "configured", budget
+    assert "memoryAvailableBytes" not in budget
+    assert budget["totalBlocks"] * budget["blockTokens"] * budget["kvBytesPerToken"] <= 256 * 1024 * 1024
 
 
 def put_desired(daemon, document: dict) -> httpx.Response:
