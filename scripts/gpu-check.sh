@@ -2,15 +2,18 @@
 # The GPU checks as one prepared run, for a GPU machine that has the NVIDIA driver and CUDA's
 # libraries but no Rust toolchain and no network (docs/gpu.md, "Running the GPU checks").
 #
-#   scripts/gpu-check.sh bundle   # here: build the GPU test binaries (feature `cuda`) into .gpu/
-#   scripts/gpu-check.sh run      # there: run them, log to $OUT (or .gpu/out) and stdout
+#   scripts/gpu-check.sh bundle         # here: the GPU test binaries (feature `cuda`) into .gpu/
+#   scripts/gpu-check.sh bundle-model   # here: the default model in two halves, .gpu-model-1/2/
+#   scripts/gpu-check.sh run            # there: run them, log to $OUT (or .gpu/out) and stdout
 #
-# `bundle` keeps .gpu/ out of git (.git/info/exclude) and prints its size: it travels with the
-# working tree (the device tool's `carry`). `run` needs no model file: the real-model tests of
-# cuda_forward are left out (the model is larger than what travels); everything else that
-# needs a GPU runs — every kernel against its reference, the pool operations, the resident
-# forward pass against the host-kernels path on the tiny model, and the modular engine cases on
-# CUDA device 0.
+# Everything bundled is kept out of git (.git/info/exclude) and travels with the working tree
+# (the device tool's `carry`, at most 64 MiB a call). `run` always runs what needs no model
+# file — every kernel against its reference, the pool operations, the resident forward pass
+# against the host-kernels path on the tiny model, the modular engine cases on CUDA device 0.
+# The real model (94 MiB) is too large for one call: carry .gpu-model-1 in one call and
+# .gpu-model-2 in the next while the machine is warm (files carried earlier stay there); when
+# both halves are there, `run` joins them, checks their SHA-256 and also runs the real-model
+# tests of cuda_forward and `skillkv bench engine --device cuda`.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -36,6 +39,33 @@ for line in sys.stdin:
     print("bundled", name)
 ' "$BUNDLE/bin" <<<"$json"
     du -sh "$BUNDLE"
+}
+
+bundle_model() {
+    local model=${SKILLKV_MODEL:-$HOME/.cache/skillkv/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+    [ -f "$model" ] || { echo "no model at $model: run \`make model\`" >&2; exit 2; }
+    local half
+    for half in 1 2; do
+        grep -qx "/.gpu-model-$half/" .git/info/exclude 2>/dev/null ||
+            echo "/.gpu-model-$half/" >>.git/info/exclude
+        rm -rf ".gpu-model-$half" && mkdir -p ".gpu-model-$half"
+    done
+    split -n 2 -d "$model" /tmp/skillkv-model-part.
+    mv /tmp/skillkv-model-part.00 .gpu-model-1/part
+    mv /tmp/skillkv-model-part.01 .gpu-model-2/part
+    sha256sum "$model" | cut -d' ' -f1 >.gpu-model-2/sha256
+    du -sh .gpu-model-1 .gpu-model-2
+}
+
+# The real model joined from its two halves at $1, when both were carried and match.
+join_model() {
+    local joined=$1
+    [ -f .gpu-model-1/part ] && [ -f .gpu-model-2/part ] || return 1
+    cat .gpu-model-1/part .gpu-model-2/part >"$joined"
+    [ "$(sha256sum "$joined" | cut -d' ' -f1)" = "$(cat .gpu-model-2/sha256)" ] || {
+        echo "the model's halves do not match its SHA-256: carry both again"
+        return 1
+    }
 }
 
 # Makes NVRTC and cuBLAS (CUDA 12 or 13, from the toolkit or from pip's nvidia-* wheels) loadable
@@ -82,6 +112,14 @@ run() {
     step "$bin/gpu_kernels" --nocapture --test-threads=1
     step "$bin/cuda_forward" --nocapture tiny_model
     step "$bin/skills_modular" --nocapture cuda::
+    if join_model /tmp/skillkv-model.gguf >>"$log"; then
+        export SKILLKV_MODEL=/tmp/skillkv-model.gguf
+        step "$bin/cuda_forward" --nocapture --test-threads=1
+        step timeout 300 "$bin/skillkv" bench engine --device cuda --repeats 3
+    else
+        echo "== the real model was not carried: its tests and the benchmark did not run" |
+            tee -a "$log"
+    fi
     if grep -q "skipped: no GPU" "$log"; then
         echo "gpu-check: some checks did not find the GPU (see 'skipped: no GPU' above)" | tee -a "$log"
         status=1
@@ -92,9 +130,10 @@ run() {
 
 case ${1:-} in
 bundle) bundle ;;
+bundle-model) bundle_model ;;
 run) run ;;
 *)
-    echo "usage: $0 bundle|run" >&2
+    echo "usage: $0 bundle|bundle-model|run" >&2
     exit 2
     ;;
 esac
