@@ -221,6 +221,14 @@ impl GgufFile {
 }
 
 impl ModelConfig {
+    /// The head geometry of the KV pool (the kernels' [`KvShape`]).
+    pub fn kv_shape(&self) -> skillkv_kernels::reference::kv::KvShape {
+        skillkv_kernels::reference::kv::KvShape {
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
     /// Reads the Llama hyperparameters from GGUF metadata (`{arch}.*` keys).
     pub fn from_gguf(content: &Content) -> Result<Self, LoadModelError> {
         let arch = metadata_string(content, "general.architecture")?;

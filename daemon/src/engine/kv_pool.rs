@@ -120,10 +120,7 @@ impl KvPool {
             storage,
             num_blocks,
             num_layers: config.n_layers,
-            shape: KvShape {
-                n_kv_heads: config.n_kv_heads,
-                head_dim: config.head_dim,
-            },
+            shape: config.kv_shape(),
         }
     }
 
@@ -149,7 +146,7 @@ impl KvPool {
 
     /// Floats of K (or of V) in one block of one layer.
     pub fn floats_per_block_layer(config: &ModelConfig) -> usize {
-        BLOCK_SIZE * config.n_kv_heads * config.head_dim
+        config.kv_shape().block_floats()
     }
 
     fn block_range(&self, block: BlockId) -> std::ops::Range<usize> {
@@ -168,13 +165,15 @@ impl KvPool {
     /// # Panics
     /// When a block is outside the pool.
     pub fn copy_block(&mut self, src: BlockId, dst: BlockId) -> Result<(), KvPoolOpError> {
-        let src_range = self.block_range(src);
-        let dst_start = self.block_range(dst).start;
+        self.block_range(src);
+        self.block_range(dst);
+        let block_floats = self.shape.block_floats();
         match &mut self.storage {
             Storage::Host(layers) => {
                 for layer in layers {
-                    layer.k.copy_within(src_range.clone(), dst_start);
-                    layer.v.copy_within(src_range.clone(), dst_start);
+                    for values in [&mut layer.k, &mut layer.v] {
+                        kv::copy_blocks(values, &[src], &[dst], block_floats);
+                    }
                 }
                 Ok(())
             }
@@ -369,10 +368,7 @@ mod tests {
         use skillkv_kernels::reference::kv::read_k;
         use skillkv_kernels::reference::rope::RopeTable;
         let config = tiny_config();
-        let shape = KvShape {
-            n_kv_heads: config.n_kv_heads,
-            head_dim: config.head_dim,
-        };
+        let shape = config.kv_shape();
         let floats = KvPool::floats_per_block_layer(&config);
         let mut pool = KvPool::new(&config, 5);
         for layer in 0..2 {

@@ -13,7 +13,7 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use skillkv_api::admin::{
     AdminEvent, DESIRED_PATH, DaemonState, DesiredState, DesiredStateApplied, EVENTS_PATH,
-    KvBudget, LoadFigures, STATE_PATH,
+    KvBudget, KvPoolSizing, LoadFigures, STATE_PATH,
 };
 use skillkv_api::block_hash::BLOCK_TOKENS;
 use tokio::sync::broadcast;
@@ -73,8 +73,10 @@ async fn daemon_state(State(state): State<AppState>) -> Result<Json<DaemonState>
             total_blocks: stats.kv.total,
             pinned_budget_blocks: skills.pinned_budget_blocks,
             kv_bytes_per_token: skills.kv_bytes_per_token,
-            sized_from: serving.kv_sizing.sized_from,
-            memory_available_bytes: serving.kv_sizing.memory_available_bytes,
+            sized_from: serving
+                .kv_cache_memory
+                .map_or(KvPoolSizing::Configured, |memory| memory.source),
+            memory_available_bytes: serving.kv_cache_memory.map(|memory| memory.bytes),
         },
         load: load_figures(&stats),
         desired_generation: serving.desired.generation(),

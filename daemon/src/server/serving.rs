@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use skillkv_api::admin::{DeviceInfo, KvPoolSizing, ModelInfo};
+use skillkv_api::admin::{DeviceInfo, ModelInfo};
 use skillkv_api::v1alpha1::Assembly;
 
 use crate::engine::chat_template::{ChatTemplate, LoadTemplateError};
@@ -22,7 +22,9 @@ use crate::skills::store::OpenSkillStoreError;
 use crate::skills::{
     DesiredStateManager, SkillRegistry, SkillStore, SkillsConfig, StoreIdentity, UnpinnedSkillCache,
 };
-use crate::telemetry::memory::{MemorySources, ReadAvailableMemoryError, kv_cache_memory};
+use crate::telemetry::memory::{
+    KvCacheMemory, MemorySources, ReadAvailableMemoryError, kv_cache_memory,
+};
 
 /// How the skills of a served model are kept.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,17 +115,8 @@ pub struct Serving {
     pub unpinned: UnpinnedSkillCache,
     /// Where the engine runs and why.
     pub device: DeviceInfo,
-    /// What set the KV pool's size.
-    pub kv_sizing: KvSizing,
-}
-
-/// What set the KV pool's size, for `/admin/v1/state`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KvSizing {
-    /// Configured, or a fraction of host or device memory.
-    pub sized_from: KvPoolSizing,
-    /// The memory the fraction was taken of, bytes.
-    pub memory_available_bytes: Option<u64>,
+    /// The memory `kvCacheFraction` was taken of; `None` when the pool's size was configured.
+    pub kv_cache_memory: Option<KvCacheMemory>,
 }
 
 /// The id clients send as `model`: the file name without `.gguf`.
@@ -173,7 +166,7 @@ impl Serving {
                 "the requested context length exceeds the model's; using the model's"
             );
         }
-        let mut kv_sizing = KvSizing::default();
+        let mut sized_from_memory = None;
         if let Some(fraction) = model.kv_cache_fraction {
             // On a GPU the pool is sized from the device or not at all: never from host memory.
             let memory = kv_cache_memory(device_free?, &MemorySources::default())?;
@@ -187,10 +180,7 @@ impl Serving {
                 "KV cache sized from the memory available after the weights"
             );
             engine_config.kv_cache = KvCacheSize::Bytes(bytes);
-            kv_sizing = KvSizing {
-                sized_from: memory.source,
-                memory_available_bytes: Some(memory.bytes),
-            };
+            sized_from_memory = Some(memory);
         }
         let tokenizer = Arc::new(GgufTokenizer::from_gguf(&loaded.gguf)?);
         let template = Arc::new(ChatTemplate::from_gguf(&loaded.gguf)?);
@@ -256,7 +246,7 @@ impl Serving {
             desired,
             unpinned: UnpinnedSkillCache::default(),
             device: selected.info,
-            kv_sizing,
+            kv_cache_memory: sized_from_memory,
         })
     }
 }
@@ -283,8 +273,9 @@ mod tests {
             )
         })
         .expect("serving loads");
-        assert_eq!(serving.kv_sizing.sized_from, KvPoolSizing::HostMemory);
-        let available = serving.kv_sizing.memory_available_bytes.expect("a figure");
+        let memory = serving.kv_cache_memory.expect("sized from memory");
+        assert_eq!(memory.source, skillkv_api::admin::KvPoolSizing::HostMemory);
+        let available = memory.bytes;
         assert!(available > 0);
         // The pool is that share of the figure, in whole blocks.
         let file = crate::engine::gguf::GgufFile::open(&path).expect("opens");

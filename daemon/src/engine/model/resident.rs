@@ -21,7 +21,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use skillkv_kernels::ops::{ColumnRange, DeviceRope, HeadRange, KernelOpError, KernelOps, PoolOps};
 use skillkv_kernels::reference::attention::{AttentionShape, ChunkRows};
-use skillkv_kernels::reference::kv::{KvShape, RowLayout, flat_slot};
+use skillkv_kernels::reference::kv::{RowLayout, flat_slot};
 
 use crate::engine::batch::{BLOCK_SIZE, ForwardBatch, ForwardOutput};
 use crate::engine::gguf::{GgufFile, LoadModelError, ModelConfig};
@@ -174,14 +174,6 @@ impl<K: PoolOps> ResidentLlama<K> {
         ResidentPool::new(self.ops.clone(), self.config(), num_blocks)
     }
 
-    fn kv_shape(&self) -> KvShape {
-        let c = self.config();
-        KvShape {
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-        }
-    }
-
     fn widths(&self) -> Widths {
         let c = self.config();
         let q = c.n_heads * c.head_dim;
@@ -283,7 +275,7 @@ impl<K: PoolOps> ResidentLlama<K> {
                 &qkv,
                 &slots,
                 layout,
-                self.kv_shape(),
+                self.config().kv_shape(),
             )?;
             let q_columns = ColumnRange {
                 rows,

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
 
 use skillkv_api::block_hash::{HashNamespace, block_hashes_from};
-use skillkv_kernels::reference::kv::{KvShape, read_k, read_v};
+use skillkv_kernels::reference::kv::{read_k, read_v};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::*;
@@ -101,10 +101,7 @@ fn rows(
     positions: Range<usize>,
 ) -> Vec<(Vec<f32>, Vec<f32>)> {
     let config = scheduler.model.config();
-    let shape = KvShape {
-        n_kv_heads: config.n_kv_heads,
-        head_dim: config.head_dim,
-    };
+    let shape = config.kv_shape();
     let (k, v) = scheduler.kv.layer(layer).expect("a host pool");
     positions
         .map(|p| (read_k(k, table, p, shape), read_v(v, table, p, shape)))

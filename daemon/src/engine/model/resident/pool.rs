@@ -37,10 +37,7 @@ impl<K: PoolOps> ResidentPool<K> {
         config: &ModelConfig,
         num_blocks: usize,
     ) -> Result<Self, KernelOpError> {
-        let shape = KvShape {
-            n_kv_heads: config.n_kv_heads,
-            head_dim: config.head_dim,
-        };
+        let shape = config.kv_shape();
         let floats = num_blocks.saturating_mul(shape.block_floats());
         let layers = (0..config.n_layers)
             .map(|_| {
