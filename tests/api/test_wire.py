@@ -106,7 +106,7 @@ def test_metrics_parse_and_cover_the_required_families(daemon, model_id):
         "skillkv_e2e_request_latency_seconds", "skillkv_queue_time_seconds", "skillkv_prompt_tokens",
         "skillkv_completion_tokens", "skillkv_cached_prompt_tokens", "skillkv_kv_blocks",
         "skillkv_prefix_cache_hit_ratio", "skillkv_running_sequences", "skillkv_waiting_sequences",
-        "skillkv_gpu_present",
+        "skillkv_preemptions", "skillkv_gpu_present",
     ]:
         assert name in families, f"{name} missing from /metrics"
     values = metric_values(daemon)

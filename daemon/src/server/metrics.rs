@@ -1,6 +1,6 @@
 //! Prometheus metrics (`skillkv_*`): request counts by route and status, latency histograms,
 //! token counters, and — refreshed on every scrape — KV blocks, prefix-cache hit ratio,
-//! sequence counts, per-skill figures ([`super::skill_metrics`]) and GPU figures.
+//! sequence counts and preemptions, per-skill figures ([`super::skill_metrics`]) and GPU figures.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +49,7 @@ pub struct Metrics {
     hit_ratio: Gauge,
     running: IntGauge,
     waiting: IntGauge,
+    preemptions: IntCounter,
     gpu_present: IntGauge,
     gpu_memory_used: GaugeVec,
     gpu_memory_total: GaugeVec,
@@ -139,6 +140,11 @@ impl Metrics {
                 "skillkv_waiting_sequences",
                 "Sequences waiting for admission",
             )?,
+            preemptions: IntCounter::new(
+                "skillkv_preemptions_total",
+                "Running sequences preempted (their KV freed, recomputed on readmission) \
+                 because the KV pool ran out of blocks",
+            )?,
             gpu_present: IntGauge::new("skillkv_gpu_present", "1 when NVML reports a GPU, else 0")?,
             gpu_memory_used: GaugeVec::new(
                 Opts::new("skillkv_gpu_memory_used_bytes", "GPU memory in use"),
@@ -189,6 +195,7 @@ impl Metrics {
             Box::new(metrics.hit_ratio.clone()),
             Box::new(metrics.running.clone()),
             Box::new(metrics.waiting.clone()),
+            Box::new(metrics.preemptions.clone()),
             Box::new(metrics.gpu_present.clone()),
             Box::new(metrics.gpu_memory_used.clone()),
             Box::new(metrics.gpu_memory_total.clone()),
@@ -258,6 +265,9 @@ impl Metrics {
             }
             self.running.set(stats.running as i64);
             self.waiting.set(stats.waiting as i64);
+            // The engine counts since it started; the counter catches up to it.
+            self.preemptions
+                .inc_by(stats.preemptions.saturating_sub(self.preemptions.get()));
         }
         let prompt = self.prompt_tokens.get();
         if prompt > 0 {
@@ -363,6 +373,23 @@ pub async fn render(State(state): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preemptions_follow_the_engine_count_and_never_go_back() {
+        let metrics = Metrics::new().expect("registers");
+        let stats = |preemptions| EngineStats {
+            preemptions,
+            ..EngineStats::default()
+        };
+        for (engine, exported) in [(0, 0), (3, 3), (3, 3), (7, 7)] {
+            metrics.refresh(Some(stats(engine)), &[], false, &[]);
+            let text = metrics.render().expect("renders");
+            assert!(
+                text.contains(&format!("\nskillkv_preemptions_total {exported}\n")),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn gpu_figures_appear_only_with_a_gpu() {

@@ -94,8 +94,16 @@ struct Args {
     /// the pinned budget over it.
     #[arg(long, default_value_t = 0.5)]
     pinned_fraction: f64,
-    /// Requests per policy.
-    #[arg(long, default_value_t = 90)]
+    /// Tokens of each request's question, in the model's own tokens (the workload's questions
+    /// are cut or extended to fit, so that a byte-level tokenizer does not make them 3× longer).
+    #[arg(long, default_value_t = 100)]
+    question_tokens: usize,
+    /// Each daemon's request timeout, seconds (its `--request-timeout`): long enough that
+    /// a queue behind cold prefills on a slow machine is measured, not cut off.
+    #[arg(long, default_value_t = 600)]
+    request_timeout_secs: u64,
+    /// Requests per policy (180: with 90, most of a run is the daemons' caches warming up).
+    #[arg(long, default_value_t = 180)]
     requests: usize,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 6)]
@@ -260,6 +268,37 @@ async fn wait_router_healthy(http: &Upstream, health: &str, count: usize) -> Ben
     }
 }
 
+/// What one daemon's `/metrics` says its engine did during a run.
+#[derive(Debug, Default)]
+struct DaemonFigures {
+    preemptions: u64,
+    unpinned_prefilled: u64,
+    unpinned_cached: u64,
+    unpinned_skipped: u64,
+}
+
+impl DaemonFigures {
+    fn parse(text: &str) -> Self {
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map_or(0, |v| v as u64)
+        };
+        let unpinned = |outcome: &str| {
+            value(&format!(
+                "skillkv_unpinned_skill_prefills_total{{outcome=\"{outcome}\"}}"
+            ))
+        };
+        Self {
+            preemptions: value("skillkv_preemptions_total"),
+            unpinned_prefilled: unpinned("prefilled"),
+            unpinned_cached: unpinned("cached"),
+            unpinned_skipped: unpinned("skipped"),
+        }
+    }
+}
+
 struct Fleet<'a> {
     options: &'a DaemonOptions,
     documents: &'a [(String, String)],
@@ -365,6 +404,11 @@ async fn run_policy(
         samples.push(task.await?);
     }
     let wall = started.elapsed();
+    let mut engine_figures = Vec::new();
+    for daemon in &daemons {
+        let text = metrics_text(&http, &format!("http://{}", daemon.public)).await?;
+        engine_figures.push(DaemonFigures::parse(&text));
+    }
     let decisions: Vec<String> = metrics_text(&http, &health)
         .await?
         .lines()
@@ -380,6 +424,27 @@ async fn run_policy(
         pinned.iter().map(BTreeSet::len).collect::<Vec<_>>(),
         ceiling * 100.0,
         decisions.join(" ")
+    );
+    println!(
+        "  {:<13} per daemon: preemptions {:?}; unpinned skills prefilled {:?}, found cached {:?}, \
+         skipped {:?}",
+        policy_name(policy),
+        engine_figures
+            .iter()
+            .map(|f| f.preemptions)
+            .collect::<Vec<_>>(),
+        engine_figures
+            .iter()
+            .map(|f| f.unpinned_prefilled)
+            .collect::<Vec<_>>(),
+        engine_figures
+            .iter()
+            .map(|f| f.unpinned_cached)
+            .collect::<Vec<_>>(),
+        engine_figures
+            .iter()
+            .map(|f| f.unpinned_skipped)
+            .collect::<Vec<_>>(),
     );
     drop(stop);
     drop(daemons);
@@ -440,6 +505,7 @@ async fn run(args: Args) -> BenchResult<()> {
     });
     let mut options = DaemonOptions::new(&model);
     options.max_seqs = args.concurrency.max(4);
+    options.request_timeout = Duration::from_secs(args.request_timeout_secs);
     let (probe, bytes_per_token, chars_per_token) =
         calibrate(&options, &model_id, args.skill_tokens).await?;
     let documents: Vec<(String, String)> = (0..args.skills)
@@ -469,7 +535,11 @@ async fn run(args: Args) -> BenchResult<()> {
     };
     options.pinned_fraction = args.pinned_fraction;
     options.kv_cache_bytes = (pinned_bytes as f64 / args.pinned_fraction) as usize;
-    let work = workload(args.skills, args.requests, args.zipf, args.seed);
+    let question_chars = (args.question_tokens as f64 * chars_per_token).round() as usize;
+    let mut work = workload(args.skills, args.requests, args.zipf, args.seed);
+    for item in &mut work {
+        item.question = skills::fit_text(&item.question, question_chars);
+    }
     let uses: usize = work.iter().map(|w| w.skills.len()).sum();
     println!(
         "routing benchmark: model {description}, {:?} assembly, {:?} placement{}",
@@ -483,7 +553,8 @@ async fn run(args: Args) -> BenchResult<()> {
     );
     println!(
         "  {} daemons, S = {} skills of ~{} tokens, pinned budget {:.1} skills per daemon ({:.0}% of {} MiB KV), \
-         {} requests ({} skill uses, Zipf {}), concurrency {}, {} tokens out, {} CPU threads",
+         {} requests ({} skill uses, Zipf {}, questions of ~{} tokens = {question_chars} characters), \
+         concurrency {}, {} tokens out, {} CPU threads",
         args.daemons,
         args.skills,
         args.skill_tokens,
@@ -493,6 +564,7 @@ async fn run(args: Args) -> BenchResult<()> {
         work.len(),
         uses,
         args.zipf,
+        args.question_tokens,
         args.concurrency,
         args.max_tokens,
         std::thread::available_parallelism().map_or(1, usize::from)

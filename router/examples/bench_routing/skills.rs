@@ -62,6 +62,22 @@ pub fn skill_document(index: usize, chars: usize) -> (String, String) {
     (name, text)
 }
 
+/// `text` cut or repeated, at word boundaries, to about `chars` characters (at least one word).
+pub fn fit_text(text: &str, chars: usize) -> String {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let mut fitted = String::new();
+    for word in words.iter().cycle().take(words.len().max(1) * (chars + 1)) {
+        if !fitted.is_empty() && fitted.len() + 1 + word.len() > chars {
+            break;
+        }
+        if !fitted.is_empty() {
+            fitted.push(' ');
+        }
+        fitted.push_str(word);
+    }
+    fitted
+}
+
 /// The name of daemon `d` in placement (its pod name, on a node of its own).
 pub fn pod_name(d: usize) -> String {
     format!("daemon-{d}")
@@ -156,4 +172,22 @@ pub fn hit_rate_ceiling(
         (warm + best, total + item.skills.len())
     });
     warm as f64 / total.max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit_text;
+
+    #[test]
+    fn fit_text_cuts_and_extends_at_word_boundaries() {
+        let text = "alpha beta gamma delta";
+        assert_eq!(fit_text(text, 10), "alpha beta");
+        assert_eq!(fit_text(text, 9), "alpha");
+        let long = fit_text(text, 40);
+        assert_eq!(long, "alpha beta gamma delta alpha beta gamma");
+        assert!(long.len() <= 40);
+        // At least one word, even when it is longer than asked.
+        assert_eq!(fit_text(text, 2), "alpha");
+        assert_eq!(fit_text("", 10), "");
+    }
 }

@@ -64,10 +64,12 @@ pub struct DaemonOptions {
     pub pinned_fraction: f64,
     /// `--max-seqs`.
     pub max_seqs: usize,
+    /// `--request-timeout` (seconds there).
+    pub request_timeout: Duration,
 }
 
 impl DaemonOptions {
-    /// Defaults for `model`: 64 MiB of KV, half of it for skills.
+    /// Defaults for `model`: 64 MiB of KV, half of it for skills, requests cut at 60 s.
     pub fn new(model: &Path) -> Self {
         Self {
             model: model.to_path_buf(),
@@ -75,6 +77,7 @@ impl DaemonOptions {
             kv_cache_bytes: 64 * 1024 * 1024,
             pinned_fraction: 0.5,
             max_seqs: 8,
+            request_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -102,7 +105,7 @@ impl RealDaemon {
                 max_seqs: options.max_seqs,
                 ..EngineConfig::default()
             },
-            request_timeout: Duration::from_secs(60),
+            request_timeout: options.request_timeout,
             shutdown_grace: Duration::from_secs(1),
             load_event_interval: Duration::from_millis(100),
             skills_dir: options.skills_dir.clone(),
