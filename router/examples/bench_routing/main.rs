@@ -42,7 +42,7 @@ use skillkv_router::routing::{Policy, RoutingConfig};
 use skillkv_router::{BackendConfig, BoundRouter, RouterConfig};
 use tokio::sync::oneshot;
 
-use crate::real::{DaemonOptions, RealDaemon, client, write_model};
+use crate::real::{DaemonOptions, RealDaemon, client, sample_value, write_model};
 use crate::report::{PolicyResult, one_request, policy_name, print_table};
 use crate::skills::{PlacementMode, skill_document};
 
@@ -279,12 +279,7 @@ struct DaemonFigures {
 
 impl DaemonFigures {
     fn parse(text: &str) -> Self {
-        let value = |series: &str| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .map_or(0, |v| v as u64)
-        };
+        let value = |series: &str| sample_value(text, series).map_or(0, |v| v as u64);
         let unpinned = |outcome: &str| {
             value(&format!(
                 "skillkv_unpinned_skill_prefills_total{{outcome=\"{outcome}\"}}"
@@ -425,26 +420,16 @@ async fn run_policy(
         ceiling * 100.0,
         decisions.join(" ")
     );
+    let per_daemon =
+        |figure: fn(&DaemonFigures) -> u64| engine_figures.iter().map(figure).collect::<Vec<_>>();
     println!(
         "  {:<13} per daemon: preemptions {:?}; unpinned skills prefilled {:?}, found cached {:?}, \
          skipped {:?}",
         policy_name(policy),
-        engine_figures
-            .iter()
-            .map(|f| f.preemptions)
-            .collect::<Vec<_>>(),
-        engine_figures
-            .iter()
-            .map(|f| f.unpinned_prefilled)
-            .collect::<Vec<_>>(),
-        engine_figures
-            .iter()
-            .map(|f| f.unpinned_cached)
-            .collect::<Vec<_>>(),
-        engine_figures
-            .iter()
-            .map(|f| f.unpinned_skipped)
-            .collect::<Vec<_>>(),
+        per_daemon(|f| f.preemptions),
+        per_daemon(|f| f.unpinned_prefilled),
+        per_daemon(|f| f.unpinned_cached),
+        per_daemon(|f| f.unpinned_skipped),
     );
     drop(stop);
     drop(daemons);

@@ -14,7 +14,7 @@ use skillkv_daemon::cli::bench::skills::workload;
 use skillkv_router::BackendConfig;
 use skillkv_router::routing::RoutingConfig;
 
-use crate::real::client;
+use crate::real::{client, sample_value};
 use crate::{BenchResult, metrics_text, post_json, start_router, wait_router_healthy};
 
 async fn answer() -> Json<Value> {
@@ -33,16 +33,11 @@ async fn models() -> Json<Value> {
 
 /// Fraction of the router's overhead observations at or below `le` seconds.
 fn histogram_share(metrics: &str, le: &str) -> Option<f64> {
-    let value = |prefix: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-    };
-    let below = value(&format!(
-        "skillkv_router_overhead_seconds_bucket{{le=\"{le}\"}}"
-    ))?;
-    let count = value("skillkv_router_overhead_seconds_count")?;
+    let below = sample_value(
+        metrics,
+        &format!("skillkv_router_overhead_seconds_bucket{{le=\"{le}\"}}"),
+    )?;
+    let count = sample_value(metrics, "skillkv_router_overhead_seconds_count")?;
     Some(below / count.max(1.0))
 }
 

@@ -66,7 +66,8 @@ pub fn skill_document(index: usize, chars: usize) -> (String, String) {
 pub fn fit_text(text: &str, chars: usize) -> String {
     let words: Vec<&str> = text.split_whitespace().collect();
     let mut fitted = String::new();
-    for word in words.iter().cycle().take(words.len().max(1) * (chars + 1)) {
+    // Each word adds at least one character, so `chars + 1` of them always pass the limit.
+    for word in words.iter().cycle().take(chars + 1) {
         if !fitted.is_empty() && fitted.len() + 1 + word.len() > chars {
             break;
         }

@@ -26,6 +26,15 @@ use tokio::runtime::Runtime;
 /// The admin bearer token every test daemon uses.
 pub const ADMIN_TOKEN: &str = "e2e-admin-token";
 
+/// The value of the sample `series` (a metric name with its labels, exactly as rendered) in a
+/// Prometheus text exposition.
+pub fn sample_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 /// Writes a synthetic model to `dir/NAME.gguf` (served as model id `NAME`).
 pub fn write_model(dir: &Path, name: &str, spec: &TinyModelSpec) -> PathBuf {
     let path = dir.join(format!("{name}.gguf"));
