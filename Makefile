@@ -9,11 +9,14 @@ VPY        := $(VENV)/bin/python
 MODEL_DIR  ?= $(HOME)/.cache/skillkv/models
 export SKILLKV_MODEL_DIR := $(MODEL_DIR)
 export SKILLKV_MODEL ?= $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+# Skill detection's static token embeddings (`--detector-embeddings`); the tests look for them here
+# ($SKILLKV_MODEL_DIR/wordllama-l2-supercat-256).
+DETECTOR_EMBEDDINGS := $(MODEL_DIR)/wordllama-l2-supercat-256
 
 # nextest when installed (it is on the project's machines), cargo test otherwise.
 RUST_TEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nextest run --no-fail-fast" || echo "test --no-fail-fast")
 
-.PHONY: help test fmt-check clippy rust-test crds crds-check chart-test venv model run api-test e2e-cluster images image-test bench-routing
+.PHONY: help test fmt-check clippy rust-test crds crds-check chart-test venv model detector-embeddings run api-test e2e-cluster images image-test bench-routing
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -27,7 +30,7 @@ fmt-check: ## rustfmt, checking only
 clippy: ## clippy on every target and feature, warnings are errors
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
-rust-test: model venv ## unit, integration and e2e tests of every crate (NVRTC kernel check with .venv's libnvrtc)
+rust-test: model detector-embeddings venv ## unit, integration and e2e tests of every crate (NVRTC kernel check with .venv's libnvrtc)
 	LD_LIBRARY_PATH="$$($(VPY) -c 'import os, nvidia.cuda_nvrtc as m; print(os.path.join(list(m.__path__)[0], "lib"))')$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" \
 	SKILLKV_REQUIRE_NVRTC=1 $(CARGO) $(RUST_TEST) --workspace --all-features
 
@@ -52,7 +55,10 @@ $(VENV)/.installed: requirements-test.txt
 model: ## fetch the default model (SmolLM2-135M-Instruct Q4_1) into $(MODEL_DIR)
 	scripts/fetch-model.sh
 
-api-test: venv model ## OpenAI-client conformance, SSE, load and shutdown tests against a real daemon
+detector-embeddings: ## fetch skill detection's static embeddings (WordLlama, PyPI wordllama) into $(DETECTOR_EMBEDDINGS)
+	SKILLKV_DETECTOR_EMBEDDINGS="$(DETECTOR_EMBEDDINGS)" scripts/fetch-detector-embeddings.sh
+
+api-test: venv model detector-embeddings ## OpenAI-client conformance, SSE, load and shutdown tests against a real daemon
 	$(VPY) -m pytest -q tests/api
 
 # Not part of `make test` (minutes). Extra flags: make bench-routing BENCH_ARGS="--requests 30".
@@ -65,6 +71,7 @@ RUN_MODEL_ID = $(basename $(notdir $(SKILLKV_MODEL)))
 run: ## release build, fetch the model if missing, serve it on localhost:$(RUN_PORT)
 	$(CARGO) build --release -p skillkv-daemon --bin skillkv
 	@test -f "$(SKILLKV_MODEL)" || $(MAKE) model
+	@test -f "$(DETECTOR_EMBEDDINGS)/embeddings.safetensors" || $(MAKE) detector-embeddings
 	@echo "serving $(SKILLKV_MODEL) with the skills in skills/ on http://127.0.0.1:$(RUN_PORT) (Ctrl-C stops it)."
 	@echo "The skills prefill first (a progress line per skill; /readyz turns 200 when they are Ready). Try:"
 	@echo "  curl -s http://127.0.0.1:$(RUN_PORT)/v1/chat/completions -H 'content-type: application/json' \\"
@@ -72,7 +79,7 @@ run: ## release build, fetch the model if missing, serve it on localhost:$(RUN_P
 	@echo "  python3 -c \"from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:$(RUN_PORT)/v1', api_key='none'); \\"
 	@echo "    print(c.chat.completions.create(model='$(RUN_MODEL_ID)', messages=[{'role': 'user', 'content': 'Hello!'}]).choices[0].message.content)\""
 	@echo "  with a skill: add  \"skills\": [\"debugging\"]  to the JSON body (or extra_body={'skills': ['debugging']})."
-	$(CARGO) run --quiet --release -p skillkv-daemon --bin skillkv -- serve --model "$(SKILLKV_MODEL)" --host 127.0.0.1 --port $(RUN_PORT) --skills skills --kv-store $(HOME)/.cache/skillkv/kv-store
+	$(CARGO) run --quiet --release -p skillkv-daemon --bin skillkv -- serve --model "$(SKILLKV_MODEL)" --host 127.0.0.1 --port $(RUN_PORT) --skills skills --kv-store $(HOME)/.cache/skillkv/kv-store --detector-embeddings "$(DETECTOR_EMBEDDINGS)"
 
 # Container images (docs/images.md): buildah, daemonless, no registry pulls. Not part of `make
 # test` (minutes, and needs root, buildah and busybox-static).

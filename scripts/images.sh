@@ -9,7 +9,9 @@
 # The Containerfiles are FROM scratch and only COPY; this script assembles their build contexts:
 # the release binaries, the shared libraries `ldd` lists for them (from this machine), the NVRTC
 # and cuBLAS libraries from PyPI's NVIDIA wheels (pinned in images/cuda-wheels.txt), busybox and
-# curl for the operator's fetch-model init container, /etc/passwd with the nonroot user.
+# curl for the operator's fetch-model init container, /etc/passwd with the nonroot user, and in
+# both images skill detection's static embeddings (scripts/fetch-detector-embeddings.sh) at
+# /opt/skillkv/detector, which the images' SKILLKV_DETECTOR_EMBEDDINGS names.
 #
 # Usage: scripts/images.sh [check|context|build|version]
 #   check: the chart and the operator name these images; context: assemble the build contexts;
@@ -37,6 +39,7 @@ PYTHON=${PYTHON:-python3}
 BUILDAH=(buildah --storage-driver "${BUILDAH_STORAGE_DRIVER:-vfs}")
 MULTIARCH=usr/lib/x86_64-linux-gnu
 CUDA_DIR=opt/skillkv/cuda/lib
+DETECTOR_DIR=opt/skillkv/detector
 # The shared libraries of the wheels the daemon loads (and what they load themselves).
 CUDA_LIBS=(libnvrtc.so.12 libnvrtc-builtins.so.12.8 libcublas.so.12 libcublasLt.so.12)
 # busybox applets the fetch-model init script uses (operator/src/build/model_source.rs).
@@ -223,6 +226,14 @@ context() {
         ln -sfn busybox "$dm/tools/usr/bin/$applet"
     done
     install_binary "$daemon" "$dm/bin/usr/local/bin/skillkv"
+
+    # Skill detection's embeddings, in both images: the router and the daemons detect alike.
+    local embeddings=$WORK/detector-embeddings layer
+    SKILLKV_DETECTOR_EMBEDDINGS=$embeddings scripts/fetch-detector-embeddings.sh >&2
+    for layer in "$op/detector" "$dm/detector"; do
+        mkdir -p "$layer/$DETECTOR_DIR"
+        cp "$embeddings"/{tokenizer.json,embeddings.safetensors,LICENSE} "$layer/$DETECTOR_DIR/"
+    done
 
     echo "images: build contexts in $ctx (sizes of the layers):"
     du -sh "$op"/* "$dm"/* | sed "s|$ctx/||"

@@ -2,18 +2,24 @@
 //!
 //! ```sh
 //! cargo run --release -p skillkv-api --example detect_bench [-- --runs 7]
+//! make detector-embeddings && cargo run --release -p skillkv-api --example detect_bench -- \
+//!     --detector-embeddings ~/.cache/skillkv/models/wordllama-l2-supercat-256
 //! ```
 //!
 //! Generates, deterministically, 100 skills in the shape of real agent skills (a technology
 //! and a task: `postgres-performance`, `kafka-migration`, …, each with a "Use when …"
 //! description and 8–10 keywords) and 400 queries (about one skill, two skills, or none),
 //! then prints the time to build the detector and the median and p99 time per `detect` call
-//! over all runs.
+//! over all runs: with words only, and with `--detector-embeddings` also with the semantic
+//! checks, side by side.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use skillkv_api::skills::{DetectorConfig, SkillCard, SkillDetector};
+use std::path::Path;
+use std::sync::Arc;
+
+use skillkv_api::skills::{DetectorSettings, SkillCard, TextEmbedder};
 
 /// (technology, its own vocabulary).
 const TECHNOLOGIES: &[(&str, &[&str])] = &[
@@ -190,34 +196,58 @@ fn micros(d: Duration) -> f64 {
 }
 
 fn main() {
-    let runs: usize = std::env::args()
-        .skip_while(|a| a != "--runs")
-        .nth(1)
-        .map_or(7, |n| n.parse().expect("--runs takes a number"));
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| args.iter().skip_while(|a| *a != name).nth(1).cloned();
+    let runs: usize = flag("--runs").map_or(7, |n| n.parse().expect("--runs takes a number"));
+    let embedder = flag("--detector-embeddings").map(|dir| {
+        Arc::new(
+            TextEmbedder::load(Path::new(&dir))
+                .unwrap_or_else(|e| panic!("--detector-embeddings {dir}: {e}")),
+        )
+    });
     let cards = skills();
     let mut rng = Rng(0x5EED);
     let queries = queries(400, &mut rng);
+    println!(
+        "{} skills, {} queries, {runs} runs",
+        cards.len(),
+        queries.len()
+    );
 
+    let mut settings = vec![("words only", DetectorSettings::default())];
+    if let Some(embedder) = embedder {
+        let semantic = DetectorSettings {
+            embedder: Some(embedder),
+            ..DetectorSettings::default()
+        };
+        settings.push(("words and meaning", semantic));
+    }
+    for (label, settings) in &settings {
+        measure(label, settings, &cards, &queries, runs);
+    }
+}
+
+/// Time building a detector with `settings` and `detect` over `queries`, `runs` times.
+fn measure(
+    label: &str,
+    settings: &DetectorSettings,
+    cards: &[SkillCard],
+    queries: &[String],
+    runs: usize,
+) {
     let mut builds: Vec<Duration> = (0..runs.max(1) * 5)
         .map(|_| {
             let start = Instant::now();
-            black_box(SkillDetector::new(cards.clone(), DetectorConfig::default()));
+            black_box(settings.build(cards.iter().cloned()));
             start.elapsed()
         })
         .collect();
     builds.sort();
 
-    let detector = SkillDetector::new(cards.clone(), DetectorConfig::default());
-    let mut selected = 0usize;
-    for query in &queries {
-        selected += detector.detect(query).len();
-    }
+    let detector = settings.build(cards.iter().cloned());
+    let selected: usize = queries.iter().map(|q| detector.detect(q).len()).sum();
+    println!("{label}: {selected} skills selected in all");
     let mut all = Vec::with_capacity(runs * queries.len());
-    println!(
-        "{} skills, {} queries ({selected} skills selected in all), {runs} runs",
-        cards.len(),
-        queries.len()
-    );
     for run in 1..=runs {
         let mut times: Vec<Duration> = queries
             .iter()
@@ -229,7 +259,7 @@ fn main() {
             .collect();
         times.sort();
         println!(
-            "run {run}: median {:.1} µs, p99 {:.1} µs per query",
+            "  run {run}: median {:.1} µs, p99 {:.1} µs per query",
             micros(percentile(&times, 0.5)),
             micros(percentile(&times, 0.99))
         );
@@ -238,7 +268,7 @@ fn main() {
     all.sort();
     let (median, p99) = (percentile(&all, 0.5), percentile(&all, 0.99));
     println!(
-        "detect, all runs: median {:.1} µs, p99 {:.1} µs, max {:.1} µs per query (target < 1000 µs): {}",
+        "{label}, detect, all runs: median {:.1} µs, p99 {:.1} µs, max {:.1} µs per query (target < 1000 µs): {}",
         micros(median),
         micros(p99),
         micros(*all.last().expect("at least one query")),
@@ -249,7 +279,7 @@ fn main() {
         }
     );
     println!(
-        "build for {} skills: median {:.0} µs, p99 {:.0} µs over {} builds",
+        "{label}, build for {} skills: median {:.0} µs, p99 {:.0} µs over {} builds",
         cards.len(),
         micros(percentile(&builds, 0.5)),
         micros(percentile(&builds, 0.99)),

@@ -2,7 +2,9 @@
 //! (issue 5 item 6): the detector with its default settings must select exactly the labelled
 //! skill set for at least [`REQUIRED_ACCURACY`] of the queries of `queries.yaml` and
 //! [`REQUIRED_VALIDATION_ACCURACY`] of those of `validation.yaml` and
-//! [`REQUIRED_HELDOUT_ACCURACY`] of the independent `heldout.yaml`.
+//! [`REQUIRED_HELDOUT_ACCURACY`] of the independent `heldout.yaml` with word matching only,
+//! and the `REQUIRED_SEMANTIC_*` shares of the three sets with the embeddings of `make
+//! detector-embeddings` (the test fails, naming the make target, when they are missing).
 //!
 //! Accuracy is **exact set match**: a query counts as correct only when the detected set of
 //! skill names equals its labelled set (order ignored). A missing skill, an extra skill, or
@@ -11,9 +13,10 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
-use skillkv_api::skills::{DetectorConfig, SkillCard, SkillDetector, SkillDocument};
+use skillkv_api::skills::{DetectorConfig, SkillCard, SkillDetector, SkillDocument, TextEmbedder};
 
 /// Lowest accepted exact-set-match accuracy on `queries.yaml`. Issue 5 asks for 0.90; the
 /// detector measures 87/100 = 0.87 on this set (see `docs/skills.md` for what it misses), so
@@ -27,6 +30,15 @@ const REQUIRED_VALIDATION_ACCURACY: f64 = 0.77;
 /// Lowest accepted exact-set-match accuracy on `heldout.yaml`, written by someone who never saw
 /// the detector or the other sets, and evaluated only (never tuned on): it measures 30/40.
 const REQUIRED_HELDOUT_ACCURACY: f64 = 0.75;
+/// The default detector with the embeddings of `make detector-embeddings` (the semantic veto
+/// and selection, `docs/skills.md`) on `queries.yaml`: measured 91/100. Issue 5's 90% over all
+/// three sets is still not met (173/198 = 87.4%).
+const REQUIRED_SEMANTIC_ACCURACY: f64 = 0.91;
+/// ... on `validation.yaml`: measured 49/58 = 0.845.
+const REQUIRED_SEMANTIC_VALIDATION_ACCURACY: f64 = 0.84;
+/// ... on `heldout.yaml`: measured 33/40 (30/40 with words only). The two thresholds are the
+/// best on the other two sets; the held-out set was evaluated beside them, not tuned on.
+const REQUIRED_SEMANTIC_HELDOUT_ACCURACY: f64 = 0.825;
 /// Smallest labelled set issue 5 accepts.
 const MIN_QUERIES: usize = 60;
 
@@ -160,12 +172,14 @@ fn check_later_set(set: &str, validation: &[Labelled]) {
 
 #[test]
 fn default_detector_selects_the_labelled_skills_for_most_queries() {
-    assert_accuracy("queries.yaml", &queries(), REQUIRED_ACCURACY);
+    let words = words_only();
+    assert_accuracy(&words, "queries.yaml", &queries(), REQUIRED_ACCURACY);
 }
 
 #[test]
 fn default_detector_selects_the_labelled_skills_for_most_validation_queries() {
     assert_accuracy(
+        &words_only(),
         "validation.yaml",
         &validation_queries(),
         REQUIRED_VALIDATION_ACCURACY,
@@ -175,16 +189,76 @@ fn default_detector_selects_the_labelled_skills_for_most_validation_queries() {
 #[test]
 fn default_detector_selects_the_labelled_skills_for_most_heldout_queries() {
     assert_accuracy(
+        &words_only(),
         "heldout.yaml",
         &heldout_queries(),
         REQUIRED_HELDOUT_ACCURACY,
     );
 }
 
-/// Run the default detector over `queries`, print the accuracy and every miss, and fail
-/// below `required`.
-fn assert_accuracy(set: &str, queries: &[Labelled], required: f64) {
-    let detector = SkillDetector::new(catalogue(), DetectorConfig::default());
+#[test]
+fn the_semantic_detector_selects_the_labelled_skills_for_more_queries() {
+    let detector = semantic();
+    assert_accuracy(
+        &detector,
+        "queries.yaml",
+        &queries(),
+        REQUIRED_SEMANTIC_ACCURACY,
+    );
+    assert_accuracy(
+        &detector,
+        "validation.yaml",
+        &validation_queries(),
+        REQUIRED_SEMANTIC_VALIDATION_ACCURACY,
+    );
+    assert_accuracy(
+        &detector,
+        "heldout.yaml",
+        &heldout_queries(),
+        REQUIRED_SEMANTIC_HELDOUT_ACCURACY,
+    );
+}
+
+/// The default detector without embeddings: word matching only.
+fn words_only() -> SkillDetector {
+    SkillDetector::new(catalogue(), DetectorConfig::default())
+}
+
+/// The default detector with the embeddings of `make detector-embeddings`:
+/// `$SKILLKV_DETECTOR_EMBEDDINGS`, else `$SKILLKV_MODEL_DIR/wordllama-l2-supercat-256`, else
+/// that folder under `~/.cache/skillkv/models`.
+fn semantic() -> SkillDetector {
+    let folder = std::env::var_os("SKILLKV_DETECTOR_EMBEDDINGS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("SKILLKV_MODEL_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/skillkv/models")
+                })
+                .join("wordllama-l2-supercat-256")
+        });
+    let embedder = TextEmbedder::load(&folder).unwrap_or_else(|e| {
+        panic!("detector embeddings: {e}: run `make detector-embeddings` (or set SKILLKV_DETECTOR_EMBEDDINGS)")
+    });
+    let detector = SkillDetector::with_embedder(
+        catalogue(),
+        DetectorConfig::default(),
+        Some(Arc::new(embedder)),
+    );
+    assert!(detector.is_semantic());
+    detector
+}
+
+/// Run `detector` over `queries`, print the accuracy and every miss, and fail below
+/// `required`.
+fn assert_accuracy(detector: &SkillDetector, set: &str, queries: &[Labelled], required: f64) {
+    let kind = if detector.is_semantic() {
+        "words and meaning"
+    } else {
+        "words only"
+    };
     let mut misses = Vec::new();
     for labelled in queries {
         let detected = detector.detect(&labelled.query);
@@ -192,7 +266,10 @@ fn assert_accuracy(set: &str, queries: &[Labelled], required: f64) {
         if got != labelled.skills {
             let scored: Vec<String> = detected
                 .iter()
-                .map(|d| format!("{} {:.2}", d.name, d.score))
+                .map(|d| match d.similarity {
+                    Some(similarity) => format!("{} {:.2} cos {similarity:.2}", d.name, d.score),
+                    None => format!("{} {:.2}", d.name, d.score),
+                })
                 .collect();
             misses.push(format!(
                 "  {:?}\n    expected {:?}, got [{}]",
@@ -205,7 +282,7 @@ fn assert_accuracy(set: &str, queries: &[Labelled], required: f64) {
     let correct = queries.len() - misses.len();
     let accuracy = correct as f64 / queries.len() as f64;
     println!(
-        "skill detection, {set}: {correct}/{} exact set matches ({:.1}%), {} misses",
+        "skill detection ({kind}), {set}: {correct}/{} exact set matches ({:.1}%), {} misses",
         queries.len(),
         accuracy * 100.0,
         misses.len()
@@ -215,7 +292,7 @@ fn assert_accuracy(set: &str, queries: &[Labelled], required: f64) {
     }
     assert!(
         accuracy >= required,
-        "{set}: accuracy {:.1}% < {:.0}% ({correct}/{}); misses:\n{}",
+        "{set} ({kind}): accuracy {:.1}% < {:.0}% ({correct}/{}); misses:\n{}",
         accuracy * 100.0,
         required * 100.0,
         queries.len(),

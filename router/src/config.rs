@@ -6,10 +6,11 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::ArgAction;
-use skillkv_api::skills::DetectorConfig;
+use skillkv_api::skills::{DetectorSettings, LoadEmbeddingsError, TextEmbedder};
 
 use crate::auth::{ApiKeys, LoadApiKeysError};
 use crate::ratelimit::RateLimiter;
@@ -72,6 +73,9 @@ pub enum ConfigureRouterError {
     /// The rate-limit file failed.
     #[error(transparent)]
     RateLimits(#[from] LoadRateLimitsError),
+    /// `--detector-embeddings` names a folder that cannot be loaded.
+    #[error("loading --detector-embeddings failed")]
+    DetectorEmbeddings(#[source] LoadEmbeddingsError),
 }
 
 /// `http://host:port` without a trailing slash, or why not.
@@ -208,6 +212,10 @@ pub struct RouterArgs {
     /// The router's own namespace (of `--router-service`).
     #[arg(long, env = "SKILLKV_POD_NAMESPACE", default_value = "default")]
     pub namespace: String,
+    /// Folder of static token embeddings for skill detection's semantic checks; the same
+    /// folder as the daemons' `--detector-embeddings`, so that router and daemons agree.
+    #[arg(long, env = "SKILLKV_DETECTOR_EMBEDDINGS")]
+    pub detector_embeddings: Option<PathBuf>,
 }
 
 /// What Kubernetes discovery watches and how.
@@ -269,7 +277,7 @@ pub struct RouterConfig {
     /// Routing policy and bounded-load slack.
     pub routing: RoutingConfig,
     /// Skill detection for requests that name no skills.
-    pub detector: DetectorConfig,
+    pub detector: DetectorSettings,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Most backends tried per request.
@@ -295,7 +303,7 @@ impl Default for RouterConfig {
             api_keys: ApiKeys::default(),
             rate_limiter: RateLimiter::default(),
             routing: RoutingConfig::default(),
-            detector: DetectorConfig::default(),
+            detector: DetectorSettings::default(),
             max_body_bytes: 4 * 1024 * 1024,
             max_attempts: 3,
             connect_timeout: Duration::from_secs(2),
@@ -386,6 +394,14 @@ impl RouterArgs {
             Some(path) => RateLimiter::load(path, self.replicas)?,
             None => RateLimiter::default(),
         };
+        let detector = DetectorSettings {
+            embedder: (self.detector_embeddings.as_deref())
+                .map(TextEmbedder::load)
+                .transpose()
+                .map_err(ConfigureRouterError::DetectorEmbeddings)?
+                .map(Arc::new),
+            ..DetectorSettings::default()
+        };
         Ok(RouterConfig {
             listen: self.listen,
             health_listen: self.metrics_listen,
@@ -399,6 +415,7 @@ impl RouterArgs {
             max_body_bytes: self.max_body_bytes,
             max_attempts: self.max_attempts.max(1),
             prefix_index_blocks: self.prefix_index_blocks,
+            detector,
             discovery,
             ..RouterConfig::default()
         })
@@ -421,155 +438,5 @@ fn next_port_url(url: &str) -> Result<String, ConfigureRouterError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: RouterArgs,
-    }
-
-    #[test]
-    fn backend_values_parse_with_their_options() {
-        let spec: BackendSpec = "http://10.0.0.1:8080".parse().expect("parses");
-        assert_eq!(spec.url, "http://10.0.0.1:8080");
-        assert_eq!(spec.admin, AdminEndpoint::NextPort);
-        let spec: BackendSpec = "http://a:1/,admin=http://a:9,admin-token-file=/t"
-            .parse()
-            .expect("parses");
-        assert_eq!(spec.url, "http://a:1");
-        assert_eq!(spec.admin, AdminEndpoint::Url("http://a:9".to_string()));
-        assert_eq!(spec.admin_token_file, Some(PathBuf::from("/t")));
-        let spec: BackendSpec = "http://a:1,admin=none".parse().expect("parses");
-        assert_eq!(spec.admin, AdminEndpoint::Disabled);
-        for bad in ["https://a:1", "a b", "http://a:1/v1", "http://a:1,bogus=1"] {
-            assert!(bad.parse::<BackendSpec>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn args_resolve_admin_urls_and_tokens() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let shared = dir.path().join("shared");
-        let own = dir.path().join("own");
-        std::fs::write(&shared, "s3cret\n").expect("write");
-        std::fs::write(&own, "mine").expect("write");
-        let cli = Cli::parse_from([
-            "router".to_string(),
-            "--backend".to_string(),
-            "http://127.0.0.1:8080".to_string(),
-            "--backend".to_string(),
-            format!("http://127.0.0.1:9000,admin-token-file={}", own.display()),
-            "--backend".to_string(),
-            "http://127.0.0.1:7000,admin=none".to_string(),
-            "--admin-token-file".to_string(),
-            shared.display().to_string(),
-            "--require-api-key".to_string(),
-            "true".to_string(),
-        ]);
-        let config = cli.args.into_config().expect("resolves");
-        let admin: Vec<_> = config
-            .backends
-            .iter()
-            .map(|b| (b.admin_url.as_deref(), b.admin_token.as_deref()))
-            .collect();
-        assert_eq!(
-            admin,
-            [
-                (Some("http://127.0.0.1:8081"), Some("s3cret")),
-                (Some("http://127.0.0.1:9001"), Some("mine")),
-                (None, Some("s3cret")),
-            ]
-        );
-        assert_eq!(config.backends[0].name, "127.0.0.1:8080");
-        assert!(matches!(
-            config.api_keys.authenticate(None),
-            crate::auth::Authentication::Denied
-        ));
-    }
-
-    #[test]
-    fn no_backend_is_an_error_outside_a_cluster() {
-        let cli = Cli::parse_from(["router"]);
-        assert!(matches!(
-            cli.args.into_config_where(false),
-            Err(ConfigureRouterError::NoBackends)
-        ));
-        let cli = Cli::parse_from(["router", "--discovery", "static"]);
-        assert!(matches!(
-            cli.args.into_config_where(true),
-            Err(ConfigureRouterError::NoBackends)
-        ));
-    }
-
-    #[test]
-    fn discovery_is_chosen_in_a_cluster_without_backends() {
-        let cli = Cli::parse_from(["router"]);
-        let discovery = cli
-            .args
-            .into_config_where(true)
-            .expect("resolves")
-            .discovery
-            .expect("discovers in a pod");
-        assert_eq!(
-            discovery,
-            DiscoveryConfig {
-                namespace: None,
-                api_key_selector: Some("skillkv.io/api-key=true".to_string()),
-                watch_rate_limits: true,
-                router_service: None,
-                replicas: 1,
-                fallback_admin_token: None,
-            }
-        );
-        let cli = Cli::parse_from([
-            "router",
-            "--discovery",
-            "kubernetes",
-            "--watch-namespace",
-            "team-a",
-            "--router-service",
-            "skillkv-router",
-            "--namespace",
-            "skillkv-system",
-            "--api-keys-file",
-            "/nonexistent/keys.yaml",
-        ]);
-        // The key file wins over Secrets, so reading it is attempted (and fails here).
-        assert!(matches!(
-            cli.args.clone().into_config_where(false),
-            Err(ConfigureRouterError::ApiKeys(_))
-        ));
-        let mut args = cli.args;
-        args.api_keys_file = None;
-        let discovery = args
-            .into_config_where(false)
-            .expect("resolves")
-            .discovery
-            .expect("asked for");
-        assert_eq!(discovery.namespace.as_deref(), Some("team-a"));
-        assert_eq!(
-            discovery.router_service,
-            Some(("skillkv-system".to_string(), "skillkv-router".to_string()))
-        );
-        let with_backend = Cli::parse_from([
-            "router",
-            "--discovery",
-            "kubernetes",
-            "--backend",
-            "http://127.0.0.1:8080",
-        ]);
-        assert!(matches!(
-            with_backend.args.into_config_where(true),
-            Err(ConfigureRouterError::BackendsWithDiscovery)
-        ));
-        let static_in_pod = Cli::parse_from(["router", "--backend", "http://127.0.0.1:8080"]);
-        let config = static_in_pod
-            .args
-            .into_config_where(true)
-            .expect("resolves");
-        assert!(config.discovery.is_none(), "--backend means static");
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;

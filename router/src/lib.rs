@@ -96,6 +96,7 @@ impl BoundRouter {
     ) -> Result<Self, RunRouterError> {
         let api = bind_listener(config.listen).await?;
         let health = bind_listener(config.health_listen).await?;
+        tracing::info!(detection = %config.detector.mode(), "skill detection");
         let fleet = Arc::new(Fleet::new(
             config.backends.clone(),
             config.prefix_index_blocks,

@@ -31,6 +31,15 @@ def model_path() -> pathlib.Path:
     return path
 
 
+def detector_embeddings_path() -> pathlib.Path:
+    """The folder of `make detector-embeddings` (skill detection's semantic checks)."""
+    models = pathlib.Path(os.environ.get("SKILLKV_MODEL_DIR", pathlib.Path.home() / ".cache/skillkv/models"))
+    path = pathlib.Path(os.environ.get("SKILLKV_DETECTOR_EMBEDDINGS", models / "wordllama-l2-supercat-256"))
+    if not (path / "embeddings.safetensors").is_file():
+        pytest.fail(f"detector embeddings not found in {path}: run `make detector-embeddings` first")
+    return path
+
+
 def target_dir() -> pathlib.Path:
     if "CARGO_TARGET_DIR" in os.environ:
         return pathlib.Path(os.environ["CARGO_TARGET_DIR"])

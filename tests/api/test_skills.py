@@ -10,7 +10,7 @@ import subprocess
 import httpx
 import openai
 import pytest
-from conftest import ADMIN_TOKEN, API_KEY, start_daemon
+from conftest import ADMIN_TOKEN, API_KEY, detector_embeddings_path, start_daemon
 from prometheus_client.parser import text_string_to_metric_families
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -48,7 +48,10 @@ def skills_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def skilled(skillkv_binary, skills_dir, tmp_path_factory):
-    daemon = start_daemon(skillkv_binary, tmp_path_factory.mktemp("skilled"), "--skills", str(skills_dir))
+    daemon = start_daemon(
+        skillkv_binary, tmp_path_factory.mktemp("skilled"), "--skills", str(skills_dir),
+        "--detector-embeddings", str(detector_embeddings_path()),
+    )
     yield daemon
     assert daemon.stop() == 0
 
@@ -112,6 +115,19 @@ def test_skills_are_detected_when_the_request_names_none(skilled_client, skilled
         max_tokens=2, temperature=0, extra_body={"skills": []},
     )
     assert "skills=none" in none.headers["x-skillkv-cache"]
+
+
+@pytest.mark.parametrize(("query", "detected"), [
+    # "slow" is a keyword of sql-tuning, but the request is not about databases: vetoed.
+    ("my knee is slow to heal after the marathon", "none"),
+    # No word of sql-tuning's card, but its meaning: chosen by similarity.
+    ("the checkout page takes nine seconds because of one Postgres statement", "sql-tuning"),
+])
+def test_detection_checks_meaning_with_embeddings(skilled_client, skilled_model, query, detected):
+    raw = skilled_client.chat.completions.with_raw_response.create(
+        model=skilled_model, messages=[{"role": "user", "content": query}], max_tokens=1, temperature=0,
+    )
+    assert f"skills={detected};" in raw.headers["x-skillkv-cache"], raw.headers["x-skillkv-cache"]
 
 
 @pytest.mark.parametrize("skills", [["no-such-skill"], "everything"])
@@ -239,6 +255,21 @@ def test_cli_lists_a_running_daemon_and_detects_offline(skillkv_binary, skilled,
         check=True, capture_output=True, text=True,
     ).stdout
     assert detected.split("\t")[0] == "sql-tuning"
+    # Words only: "slow" picks sql-tuning; with the embeddings its cosine vetoes it, and the
+    # scores show every skill's cosine.
+    trap = "my knee is slow to heal after the marathon"
+    words = subprocess.run(
+        [str(skillkv_binary), "skills", "detect", "--skills", str(skills_dir), trap],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    assert words.split("\t")[0] == "sql-tuning"
+    meaning = subprocess.run(
+        [str(skillkv_binary), "skills", "detect", "--skills", str(skills_dir), trap, "--all",
+         "--detector-embeddings", str(detector_embeddings_path())],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    assert meaning.startswith("no skill selected"), meaning
+    assert meaning.count("\tcos ") == len(SKILLS), meaning
 
 
 def test_a_restarted_daemon_loads_skills_from_its_store(skillkv_binary, skills_dir, tmp_path):

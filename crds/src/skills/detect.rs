@@ -14,15 +14,23 @@
 //! of the request ("write pytest tests for the status codes of our REST API"), not for sharing
 //! a word with the first ("the p99 latency of our API").
 //!
+//! With a [`TextEmbedder`] (`--detector-embeddings`), meaning checks the words: each skill's
+//! card is embedded once, and a query's vector is compared with them by cosine. A skill
+//! chosen by its words is dropped when its similarity is below `semantic_veto` ("summarise
+//! the *plot* of Hamlet" is not about charts), and when no skill is left, the most similar one
+//! is chosen if it reaches `semantic_select` (a request with none of a skill's words).
+//!
 //! The same detector runs in the daemon and in the router, so both agree on which skills a
 //! request needs. Its accuracy on a labelled query set is measured by
 //! `crds/tests/detection_accuracy.rs` (see `docs/skills.md`), its speed by
 //! `crds/examples/detect_bench.rs`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::embedding::{TextEmbedder, cosine};
 use super::text::terms;
 
 /// What detection knows of a skill.
@@ -38,6 +46,7 @@ pub struct SkillCard {
 
 /// Detection thresholds and BM25 parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DetectorConfig {
     /// Lowest score that selects the best skill.
     pub threshold: f32,
@@ -52,6 +61,12 @@ pub struct DetectorConfig {
     pub b: f32,
     /// Score added per multi-word keyword found as a phrase in the query.
     pub phrase_bonus: f32,
+    /// With embeddings: lowest cosine between query and skill card that keeps a skill chosen
+    /// by its words.
+    pub semantic_veto: f32,
+    /// With embeddings: lowest cosine that chooses the most similar skill when words chose
+    /// none (or only vetoed ones).
+    pub semantic_select: f32,
 }
 
 impl Default for DetectorConfig {
@@ -63,7 +78,49 @@ impl Default for DetectorConfig {
             k1: 1.2,
             b: 0.5,
             phrase_bonus: 0.6,
+            semantic_veto: 0.22,
+            semantic_select: 0.22,
         }
+    }
+}
+
+/// What the daemon and the router build their detectors from: the thresholds and, when
+/// `--detector-embeddings` names a folder, the embeddings of the semantic checks.
+#[derive(Debug, Clone, Default)]
+pub struct DetectorSettings {
+    /// Thresholds and BM25 parameters.
+    pub config: DetectorConfig,
+    /// The embeddings; `None`: word matching only.
+    pub embedder: Option<Arc<TextEmbedder>>,
+}
+
+impl DetectorSettings {
+    /// A detector over `skills` with these settings.
+    pub fn build(&self, skills: impl IntoIterator<Item = SkillCard>) -> SkillDetector {
+        SkillDetector::with_embedder(skills, self.config.clone(), self.embedder.clone())
+    }
+
+    /// For logs: "words only", or "words and meaning (embeddings from FOLDER)".
+    pub fn mode(&self) -> String {
+        match &self.embedder {
+            None => "words only".to_string(),
+            Some(embedder) => format!(
+                "words and meaning (embeddings from {})",
+                embedder.folder().display()
+            ),
+        }
+    }
+}
+
+impl PartialEq for DetectorSettings {
+    /// Same thresholds and the same loaded embeddings (or none).
+    fn eq(&self, other: &Self) -> bool {
+        self.config == other.config
+            && match (&self.embedder, &other.embedder) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
     }
 }
 
@@ -74,6 +131,9 @@ pub struct Detection {
     pub name: String,
     /// Its score over the whole query (higher is more relevant).
     pub score: f32,
+    /// Cosine between the query and the skill's card, when the detector has embeddings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f32>,
 }
 
 const NAME_WEIGHT: f32 = 3.0;
@@ -99,6 +159,24 @@ pub struct SkillDetector {
     /// Per term: the skills containing it and its weighted frequency there.
     postings: Vec<Vec<(u32, f32)>>,
     skills: Vec<IndexedSkill>,
+    semantic: Option<SemanticIndex>,
+}
+
+/// The embedder and every skill card's vector (`None`: the card has no tokens).
+#[derive(Debug, Clone)]
+struct SemanticIndex {
+    embedder: Arc<TextEmbedder>,
+    cards: Vec<Option<Vec<f32>>>,
+}
+
+/// The text of a card that is embedded: name, description and keywords.
+fn card_text(card: &SkillCard) -> String {
+    format!(
+        "{}. {} Keywords: {}",
+        card.name.replace('-', " "),
+        card.description,
+        card.keywords.join(", ")
+    )
 }
 
 /// One query term's contribution to one skill's score.
@@ -111,8 +189,18 @@ struct Contribution {
 }
 
 impl SkillDetector {
-    /// Index `skills`.
+    /// Index `skills` for word matching only.
     pub fn new(skills: impl IntoIterator<Item = SkillCard>, config: DetectorConfig) -> Self {
+        Self::with_embedder(skills, config, None)
+    }
+
+    /// Index `skills`, and with `embedder` also embed their cards for the semantic checks.
+    pub fn with_embedder(
+        skills: impl IntoIterator<Item = SkillCard>,
+        config: DetectorConfig,
+        embedder: Option<Arc<TextEmbedder>>,
+    ) -> Self {
+        let mut card_vectors = Vec::new();
         let mut vocabulary: HashMap<String, u32> = HashMap::new();
         let mut intern = |word: String| {
             let next = vocabulary.len() as u32;
@@ -122,6 +210,9 @@ impl SkillDetector {
         let mut lengths = Vec::new();
         let mut indexed = Vec::new();
         for card in skills {
+            if let Some(embedder) = &embedder {
+                card_vectors.push(embedder.embed(&card_text(&card)));
+            }
             let mut tf: HashMap<u32, f32> = HashMap::new();
             let mut length = 0.0;
             let fields = [
@@ -179,12 +270,54 @@ impl SkillDetector {
             idf,
             postings,
             skills: indexed,
+            semantic: embedder.map(|embedder| SemanticIndex {
+                embedder,
+                cards: card_vectors,
+            }),
+        }
+    }
+
+    /// Whether the semantic checks run (the detector has embeddings).
+    pub fn is_semantic(&self) -> bool {
+        self.semantic.is_some()
+    }
+
+    /// Every skill's cosine with `query`; `None` without embeddings.
+    fn similarities(&self, query: &str) -> Option<Vec<f32>> {
+        let semantic = self.semantic.as_ref()?;
+        let vector = semantic.embedder.embed(query);
+        Some(
+            semantic
+                .cards
+                .iter()
+                .map(|card| match (&vector, card) {
+                    (Some(q), Some(c)) => cosine(q, c),
+                    _ => 0.0,
+                })
+                .collect(),
+        )
+    }
+
+    /// The semantic checks on the skills chosen by their words: drop those below
+    /// `semantic_veto`; if none is left, choose the most similar skill at `semantic_select`.
+    fn check_meaning(&self, chosen: &mut Vec<usize>, similarities: &[f32]) {
+        chosen.retain(|&skill| similarities[skill] >= self.config.semantic_veto);
+        if chosen.is_empty() {
+            let best = similarities
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| **s >= self.config.semantic_select)
+                .max_by(|(a, x), (b, y)| {
+                    x.total_cmp(y)
+                        .then_with(|| self.skills[*b].name.cmp(&self.skills[*a].name))
+                });
+            chosen.extend(best.map(|(skill, _)| skill));
         }
     }
 
     /// The skills `query` is about, best first (possibly none).
-    pub fn detect(&self, query: &str) -> Vec<Detection> {
-        let query = self.query(query);
+    pub fn detect(&self, text: &str) -> Vec<Detection> {
+        let query = self.query(text);
         let full = self.totals(&query, &[]);
         let mut claims = vec![0.0f32; query.distinct.len()];
         let mut chosen: Vec<usize> = Vec::new();
@@ -212,24 +345,32 @@ impl SkillDetector {
                 claims[c.term] = claims[c.term].max(c.score);
             }
         }
+        let similarities = self.similarities(text);
+        if let Some(similarities) = &similarities {
+            self.check_meaning(&mut chosen, similarities);
+        }
         chosen
             .into_iter()
             .map(|skill| Detection {
                 name: self.skills[skill].name.clone(),
                 score: full[skill],
+                similarity: similarities.as_ref().map(|s| s[skill]),
             })
             .collect()
     }
 
     /// Every skill's score for the whole `query`, in index order.
-    pub fn scores(&self, query: &str) -> Vec<Detection> {
-        let query = self.query(query);
+    pub fn scores(&self, text: &str) -> Vec<Detection> {
+        let query = self.query(text);
+        let similarities = self.similarities(text);
         self.totals(&query, &[])
             .into_iter()
             .zip(&self.skills)
-            .map(|(score, skill)| Detection {
+            .enumerate()
+            .map(|(index, (score, skill))| Detection {
                 name: skill.name.clone(),
                 score,
+                similarity: similarities.as_ref().map(|s| s[index]),
             })
             .collect()
     }

@@ -3,9 +3,11 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use skillkv_api::skills::{DetectorSettings, LoadEmbeddingsError, TextEmbedder};
 use skillkv_api::v1alpha1::Assembly;
 
 use crate::engine::device::DeviceRequest;
@@ -97,6 +99,11 @@ pub struct ServeArgs {
     /// prefilled again, and fresh prefills are saved to it.
     #[arg(long, env = "SKILLKV_KV_STORE")]
     pub kv_store: Option<PathBuf>,
+    /// Folder of static token embeddings (`tokenizer.json`, `embeddings.safetensors`; `make
+    /// detector-embeddings`) with which skill detection also checks meaning, not only words.
+    /// Give the router the same folder so that both detect alike.
+    #[arg(long, env = "SKILLKV_DETECTOR_EMBEDDINGS")]
+    pub detector_embeddings: Option<PathBuf>,
 }
 
 /// `--kv-dtype` values (the ModelDeployment's `engine.kvDtype`).
@@ -177,6 +184,9 @@ pub enum RunServeError {
     /// The token file holds no token.
     #[error("the admin token file {0} is empty")]
     EmptyAdminToken(PathBuf),
+    /// `--detector-embeddings` names a folder that cannot be loaded.
+    #[error("loading --detector-embeddings failed")]
+    LoadDetectorEmbeddings(#[source] LoadEmbeddingsError),
     /// The Tokio runtime could not start.
     #[error("starting the async runtime failed")]
     Runtime(#[source] std::io::Error),
@@ -235,6 +245,16 @@ impl ServeArgs {
         };
         let keys_file = self.api_keys_file.as_deref().map(read_secret).transpose()?;
         let keys_env = std::env::var(API_KEYS_ENV).ok();
+        let detector = DetectorSettings {
+            embedder: self
+                .detector_embeddings
+                .as_deref()
+                .map(TextEmbedder::load)
+                .transpose()
+                .map_err(RunServeError::LoadDetectorEmbeddings)?
+                .map(Arc::new),
+            ..DetectorSettings::default()
+        };
         Ok(ServeConfig {
             model_path,
             host: self.host,
@@ -264,6 +284,7 @@ impl ServeArgs {
                 store_dir: self.kv_store.clone(),
                 folder_assembly: self.skills_assembly,
                 modular_recompute_tokens: self.modular_recompute_tokens,
+                detector,
             },
             ..ServeConfig::default()
         })
@@ -305,6 +326,26 @@ mod tests {
         use clap::Parser;
         Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
             .map(|cli| cli.serve)
+    }
+
+    #[test]
+    fn an_unloadable_embeddings_folder_stops_the_start_naming_the_file() {
+        let args = parse(&[
+            "--model=/m.gguf",
+            "--detector-embeddings=/nonexistent/embeddings",
+        ])
+        .expect("valid flags");
+        match args.config() {
+            Err(RunServeError::LoadDetectorEmbeddings(source)) => {
+                assert!(
+                    source
+                        .to_string()
+                        .contains("/nonexistent/embeddings/tokenizer.json"),
+                    "{source}"
+                );
+            }
+            other => panic!("expected LoadDetectorEmbeddings, got {other:?}"),
+        }
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use skillkv_api::admin::{DaemonState, STATE_PATH, SkillState};
-use skillkv_api::skills::{DetectorConfig, SkillDetector, SkillDocument};
+use skillkv_api::skills::{
+    Detection, DetectorConfig, LoadEmbeddingsError, SkillDetector, SkillDocument, TextEmbedder,
+};
 use skillkv_api::v1alpha1::{Assembly, PlacementState};
 
 use crate::cli::serve::default_model_path;
@@ -78,6 +80,10 @@ pub struct DetectArgs {
     /// Also print the scores of skills that were not selected.
     #[arg(long)]
     pub all: bool,
+    /// Folder of static token embeddings for the semantic checks (as `serve
+    /// --detector-embeddings`); scores then show each skill's cosine too.
+    #[arg(long, env = "SKILLKV_DETECTOR_EMBEDDINGS")]
+    pub detector_embeddings: Option<PathBuf>,
 }
 
 /// Why a `skills` command failed.
@@ -89,6 +95,9 @@ pub enum RunSkillsError {
     /// The model could not be loaded.
     #[error(transparent)]
     Serving(#[from] LoadServingError),
+    /// `--detector-embeddings` names a folder that cannot be loaded.
+    #[error("loading --detector-embeddings failed")]
+    LoadDetectorEmbeddings(#[source] LoadEmbeddingsError),
     /// No model path.
     #[error("no --model given, $SKILLKV_MODEL unset and $HOME unknown")]
     NoModelPath,
@@ -302,21 +311,36 @@ async fn wait_reporting(
 
 fn run_detect(out: &mut impl Write, args: &DetectArgs) -> Result<(), RunSkillsError> {
     let skills = load_skill_dir(&args.skills)?;
-    let detector = SkillDetector::new(
+    let embedder = args
+        .detector_embeddings
+        .as_deref()
+        .map(TextEmbedder::load)
+        .transpose()
+        .map_err(RunSkillsError::LoadDetectorEmbeddings)?
+        .map(Arc::new);
+    let detector = SkillDetector::with_embedder(
         skills.values().map(SkillDocument::card),
         DetectorConfig::default(),
+        embedder,
     );
+    let line = |detection: &Detection| match detection.similarity {
+        Some(similarity) => format!(
+            "{}\t{:.2}\tcos {similarity:.2}",
+            detection.name, detection.score
+        ),
+        None => format!("{}\t{:.2}", detection.name, detection.score),
+    };
     let selected = detector.detect(&args.query);
     if selected.is_empty() {
         writeln!(out, "no skill selected")?;
     }
     for detection in &selected {
-        writeln!(out, "{}\t{:.2}", detection.name, detection.score)?;
+        writeln!(out, "{}", line(detection))?;
     }
     if args.all {
         writeln!(out, "-- all scores --")?;
         for detection in detector.scores(&args.query) {
-            writeln!(out, "{}\t{:.2}", detection.name, detection.score)?;
+            writeln!(out, "{}", line(&detection))?;
         }
     }
     Ok(())

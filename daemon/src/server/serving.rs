@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use skillkv_api::admin::{DeviceInfo, ModelInfo};
+use skillkv_api::skills::DetectorSettings;
 use skillkv_api::v1alpha1::Assembly;
 
 use crate::engine::chat_template::{ChatTemplate, LoadTemplateError};
@@ -37,6 +38,8 @@ pub struct SkillsSettings {
     pub folder_assembly: Assembly,
     /// Leading tokens of each copied (modular) skill segment recomputed in context.
     pub modular_recompute_tokens: usize,
+    /// Skill detection for requests that name no skills.
+    pub detector: DetectorSettings,
 }
 
 impl Default for SkillsSettings {
@@ -46,6 +49,7 @@ impl Default for SkillsSettings {
             store_dir: None,
             folder_assembly: Assembly::Exact,
             modular_recompute_tokens: DEFAULT_MODULAR_RECOMPUTE_TOKENS,
+            detector: DetectorSettings::default(),
         }
     }
 }
@@ -222,6 +226,7 @@ impl Serving {
             )?),
             None => None,
         };
+        tracing::info!(detection = %skills.detector.mode(), "skill detection");
         let registry = SkillRegistry::new(
             engine.clone(),
             tokenizer.clone(),
@@ -231,6 +236,7 @@ impl Serving {
                     as usize,
                 kv_bytes_per_token: bytes_per_block / skillkv_api::block_hash::BLOCK_TOKENS,
                 modular_recompute_tokens: skills.modular_recompute_tokens,
+                detector: skills.detector.clone(),
                 ..SkillsConfig::default()
             },
             store,

@@ -102,7 +102,7 @@ impl Fleet {
 
 #[cfg(test)]
 mod tests {
-    use skillkv_api::skills::DetectorConfig;
+    use skillkv_api::skills::DetectorSettings;
 
     use super::*;
 
@@ -140,7 +140,7 @@ mod tests {
         let fleet = Fleet::new(
             vec![backend("a", None), backend("b", None)],
             16,
-            DetectorConfig::default(),
+            DetectorSettings::default(),
         );
         let b_before = fleet.pod(1).expect("b is index 1");
         let _in_flight = b_before.start_request();

@@ -19,7 +19,7 @@ use skillkv_api::admin::{
     AdapterPhase, AdminEvent, DaemonState, KvBudget, LoadFigures, ModelInfo, SkillState,
 };
 use skillkv_api::block_hash::{BlockHash, block_hashes_from};
-use skillkv_api::skills::{DetectorConfig, SkillCard, SkillDetector};
+use skillkv_api::skills::{DetectorSettings, SkillCard, SkillDetector};
 use skillkv_api::v1alpha1::PlacementState;
 
 use self::prefix::PrefixIndex;
@@ -223,7 +223,7 @@ pub struct Fleet {
     next_index: AtomicUsize,
     prefix_index_blocks: usize,
     skills_epoch: Arc<AtomicU64>,
-    detector_config: DetectorConfig,
+    detector_settings: DetectorSettings,
     detector: Mutex<Option<(u64, Arc<SkillDetector>)>>,
     declared_adapters: RwLock<Arc<BTreeMap<String, String>>>,
 }
@@ -233,14 +233,14 @@ impl Fleet {
     pub fn new(
         backends: Vec<BackendConfig>,
         prefix_index_blocks: usize,
-        detector_config: DetectorConfig,
+        detector_settings: DetectorSettings,
     ) -> Self {
         let fleet = Self {
             pods: RwLock::default(),
             next_index: AtomicUsize::new(0),
             prefix_index_blocks,
             skills_epoch: Arc::new(AtomicU64::new(0)),
-            detector_config,
+            detector_settings,
             detector: Mutex::new(None),
             declared_adapters: RwLock::default(),
         };
@@ -328,10 +328,7 @@ impl Fleet {
                     });
             }
         }
-        let detector = Arc::new(SkillDetector::new(
-            cards.into_values(),
-            self.detector_config.clone(),
-        ));
+        let detector = Arc::new(self.detector_settings.build(cards.into_values()));
         *cached = Some((epoch, detector.clone()));
         detector
     }

@@ -75,7 +75,7 @@ fn fleet(n: usize) -> Fleet {
             ..BackendConfig::without_admin(&format!("http://127.0.0.1:{}", 8000 + i))
         })
         .collect();
-    Fleet::new(backends, 128, DetectorConfig::default())
+    Fleet::new(backends, 128, DetectorSettings::default())
 }
 
 #[test]

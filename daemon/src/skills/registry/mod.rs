@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use skillkv_api::admin::{AdminEvent, SkillOrigin, SkillState};
 use skillkv_api::block_hash::{BlockHash, block_hashes_from};
-use skillkv_api::skills::{DetectorConfig, SkillDetector, SkillDocument};
+use skillkv_api::skills::{DetectorSettings, SkillDetector, SkillDocument};
 use skillkv_api::v1alpha1::{Assembly, PlacementState};
 use tokio::sync::{Semaphore, broadcast, watch};
 
@@ -43,7 +43,7 @@ pub struct SkillsConfig {
     /// Bytes of KV per token (for the reported `kvBytes`).
     pub kv_bytes_per_token: usize,
     /// Detection of skills for requests that name none.
-    pub detector: DetectorConfig,
+    pub detector: DetectorSettings,
     /// Most skills one request may name.
     pub max_skills_per_request: usize,
     /// Leading tokens of each modular skill segment computed in context instead of copied
@@ -56,7 +56,7 @@ impl Default for SkillsConfig {
         Self {
             pinned_budget_blocks: 0,
             kv_bytes_per_token: 0,
-            detector: DetectorConfig::default(),
+            detector: DetectorSettings::default(),
             max_skills_per_request: 8,
             modular_recompute_tokens: crate::skills::assembly::DEFAULT_MODULAR_RECOMPUTE_TOKENS,
         }
@@ -510,8 +510,7 @@ impl SkillRegistry {
                             card.name = name.clone();
                             card
                         });
-                        let detector =
-                            Arc::new(SkillDetector::new(cards, self.config.detector.clone()));
+                        let detector = Arc::new(self.config.detector.build(cards));
                         state.detector = Some(detector.clone());
                         detector
                     }
