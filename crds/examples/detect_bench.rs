@@ -17,9 +17,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use std::path::Path;
-use std::sync::Arc;
 
-use skillkv_api::skills::{DetectorSettings, SkillCard, TextEmbedder};
+use skillkv_api::skills::{DetectorSettings, SkillCard};
 
 /// (technology, its own vocabulary).
 const TECHNOLOGIES: &[(&str, &[&str])] = &[
@@ -199,11 +198,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| args.iter().skip_while(|a| *a != name).nth(1).cloned();
     let runs: usize = flag("--runs").map_or(7, |n| n.parse().expect("--runs takes a number"));
-    let embedder = flag("--detector-embeddings").map(|dir| {
-        Arc::new(
-            TextEmbedder::load(Path::new(&dir))
-                .unwrap_or_else(|e| panic!("--detector-embeddings {dir}: {e}")),
-        )
+    let semantic = flag("--detector-embeddings").map(|dir| {
+        DetectorSettings::load(Some(Path::new(&dir)))
+            .unwrap_or_else(|e| panic!("--detector-embeddings {dir}: {e}"))
     });
     let cards = skills();
     let mut rng = Rng(0x5EED);
@@ -215,13 +212,7 @@ fn main() {
     );
 
     let mut settings = vec![("words only", DetectorSettings::default())];
-    if let Some(embedder) = embedder {
-        let semantic = DetectorSettings {
-            embedder: Some(embedder),
-            ..DetectorSettings::default()
-        };
-        settings.push(("words and meaning", semantic));
-    }
+    settings.extend(semantic.map(|semantic| ("words and meaning", semantic)));
     for (label, settings) in &settings {
         measure(label, settings, &cards, &queries, runs);
     }

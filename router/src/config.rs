@@ -6,11 +6,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::ArgAction;
-use skillkv_api::skills::{DetectorSettings, LoadEmbeddingsError, TextEmbedder};
+use skillkv_api::skills::{DetectorSettings, LoadEmbeddingsError};
 
 use crate::auth::{ApiKeys, LoadApiKeysError};
 use crate::ratelimit::RateLimiter;
@@ -394,14 +393,8 @@ impl RouterArgs {
             Some(path) => RateLimiter::load(path, self.replicas)?,
             None => RateLimiter::default(),
         };
-        let detector = DetectorSettings {
-            embedder: (self.detector_embeddings.as_deref())
-                .map(TextEmbedder::load)
-                .transpose()
-                .map_err(ConfigureRouterError::DetectorEmbeddings)?
-                .map(Arc::new),
-            ..DetectorSettings::default()
-        };
+        let detector = DetectorSettings::load(self.detector_embeddings.as_deref())
+            .map_err(ConfigureRouterError::DetectorEmbeddings)?;
         Ok(RouterConfig {
             listen: self.listen,
             health_listen: self.metrics_listen,

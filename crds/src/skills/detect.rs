@@ -26,11 +26,12 @@
 //! `crds/examples/detect_bench.rs`.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::embedding::{TextEmbedder, cosine};
+use super::embedding::{LoadEmbeddingsError, TextEmbedder, cosine};
 use super::text::terms;
 
 /// What detection knows of a skill.
@@ -95,6 +96,15 @@ pub struct DetectorSettings {
 }
 
 impl DetectorSettings {
+    /// The default thresholds, with the embeddings of `folder` when one is given
+    /// (`--detector-embeddings`).
+    pub fn load(folder: Option<&Path>) -> Result<Self, LoadEmbeddingsError> {
+        Ok(Self {
+            embedder: folder.map(TextEmbedder::load).transpose()?.map(Arc::new),
+            ..Self::default()
+        })
+    }
+
     /// A detector over `skills` with these settings.
     pub fn build(&self, skills: impl IntoIterator<Item = SkillCard>) -> SkillDetector {
         SkillDetector::with_embedder(skills, self.config.clone(), self.embedder.clone())
@@ -303,16 +313,27 @@ impl SkillDetector {
     fn check_meaning(&self, chosen: &mut Vec<usize>, similarities: &[f32]) {
         chosen.retain(|&skill| similarities[skill] >= self.config.semantic_veto);
         if chosen.is_empty() {
-            let best = similarities
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| **s >= self.config.semantic_select)
-                .max_by(|(a, x), (b, y)| {
-                    x.total_cmp(y)
-                        .then_with(|| self.skills[*b].name.cmp(&self.skills[*a].name))
-                });
-            chosen.extend(best.map(|(skill, _)| skill));
+            chosen.extend(self.best(similarities, |_| true, self.config.semantic_select));
         }
+    }
+
+    /// The skill with the highest of `values` (one per skill) at or above `threshold` among
+    /// those `eligible`; ties go to the name that sorts first, so the result is deterministic.
+    fn best(
+        &self,
+        values: &[f32],
+        eligible: impl Fn(usize) -> bool,
+        threshold: f32,
+    ) -> Option<usize> {
+        values
+            .iter()
+            .enumerate()
+            .filter(|&(skill, value)| eligible(skill) && *value >= threshold)
+            .max_by(|(a, x), (b, y)| {
+                x.total_cmp(y)
+                    .then_with(|| self.skills[*b].name.cmp(&self.skills[*a].name))
+            })
+            .map(|(skill, _)| skill)
     }
 
     /// The skills `query` is about, best first (possibly none).
@@ -327,15 +348,10 @@ impl SkillDetector {
             } else {
                 (self.totals(&query, &claims), self.config.further_threshold)
             };
-            let best = scores
-                .iter()
-                .enumerate()
-                .filter(|(skill, score)| !chosen.contains(skill) && **score >= threshold)
-                .max_by(|(a, x), (b, y)| {
-                    x.total_cmp(y)
-                        .then_with(|| self.skills[*b].name.cmp(&self.skills[*a].name))
-                });
-            let Some((skill, _)) = best else { break };
+            let Some(skill) = self.best(&scores, |skill| !chosen.contains(&skill), threshold)
+            else {
+                break;
+            };
             chosen.push(skill);
             for c in query
                 .contributions

@@ -144,18 +144,16 @@ impl TextEmbedder {
     pub fn embed(&self, text: &str) -> Option<Vec<f32>> {
         let encoding = self.tokenizer.encode(text, false).ok()?;
         let mut sum = vec![0.0f32; self.dimensions];
-        let mut count = 0usize;
         for &id in encoding.get_ids() {
             let row = (id as usize).min(self.rows - 1) * self.dimensions;
             for (s, v) in sum.iter_mut().zip(&self.table[row..row + self.dimensions]) {
                 *s += v.to_f32();
             }
-            count += 1;
         }
         // The mean's length only scales the vector: normalising the sum gives the same unit
-        // vector.
+        // vector. No tokens leave the sum zero.
         let norm = sum.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if count == 0 || norm <= f32::MIN_POSITIVE {
+        if norm <= f32::MIN_POSITIVE {
             return None;
         }
         sum.iter_mut().for_each(|x| *x /= norm);
@@ -242,6 +240,14 @@ pub(crate) mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    fn charts_card() -> crate::skills::SkillCard {
+        crate::skills::SkillCard {
+            name: "charts".into(),
+            description: "Draw a chart or graph.".into(),
+            keywords: vec!["plot".into(), "chart".into()],
+        }
+    }
+
     /// Two skills whose cards point along different axes: `charts` (chart, graph) and
     /// `literature` (story, novel). "plot" is a keyword of `charts` but has no meaning of its
     /// own here (a zero vector), "twist" and "story" point at `literature`, "sql" at neither.
@@ -265,11 +271,7 @@ pub(crate) mod tests {
         let embedder = std::sync::Arc::new(TextEmbedder::load(&dir).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
         let cards = vec![
-            crate::skills::SkillCard {
-                name: "charts".into(),
-                description: "Draw a chart or graph.".into(),
-                keywords: vec!["plot".into(), "chart".into()],
-            },
+            charts_card(),
             crate::skills::SkillCard {
                 name: "literature".into(),
                 description: "Talk about a story or novel.".into(),
@@ -292,14 +294,7 @@ pub(crate) mod tests {
         assert_eq!(names("draw a chart"), ["charts"]);
         // "plot" matches the keyword of charts, but the query means literature: charts is
         // vetoed and literature, which no word matched, is chosen by similarity.
-        let lexical = crate::skills::SkillDetector::new(
-            [crate::skills::SkillCard {
-                name: "charts".into(),
-                description: "Draw a chart or graph.".into(),
-                keywords: vec!["plot".into(), "chart".into()],
-            }],
-            crate::skills::DetectorConfig::default(),
-        );
+        let lexical = crate::skills::DetectorSettings::default().build([charts_card()]);
         assert_eq!(lexical.detect("a plot twist")[0].name, "charts");
         let twist = d.detect("a plot twist");
         assert_eq!(twist.len(), 1);

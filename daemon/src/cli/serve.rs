@@ -3,11 +3,10 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use skillkv_api::skills::{DetectorSettings, LoadEmbeddingsError, TextEmbedder};
+use skillkv_api::skills::{DetectorSettings, LoadEmbeddingsError};
 use skillkv_api::v1alpha1::Assembly;
 
 use crate::engine::device::DeviceRequest;
@@ -245,16 +244,8 @@ impl ServeArgs {
         };
         let keys_file = self.api_keys_file.as_deref().map(read_secret).transpose()?;
         let keys_env = std::env::var(API_KEYS_ENV).ok();
-        let detector = DetectorSettings {
-            embedder: self
-                .detector_embeddings
-                .as_deref()
-                .map(TextEmbedder::load)
-                .transpose()
-                .map_err(RunServeError::LoadDetectorEmbeddings)?
-                .map(Arc::new),
-            ..DetectorSettings::default()
-        };
+        let detector = DetectorSettings::load(self.detector_embeddings.as_deref())
+            .map_err(RunServeError::LoadDetectorEmbeddings)?;
         Ok(ServeConfig {
             model_path,
             host: self.host,

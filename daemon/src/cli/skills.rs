@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use skillkv_api::admin::{DaemonState, STATE_PATH, SkillState};
-use skillkv_api::skills::{
-    Detection, DetectorConfig, LoadEmbeddingsError, SkillDetector, SkillDocument, TextEmbedder,
-};
+use skillkv_api::skills::{Detection, DetectorSettings, LoadEmbeddingsError, SkillDocument};
 use skillkv_api::v1alpha1::{Assembly, PlacementState};
 
 use crate::cli::serve::default_model_path;
@@ -311,18 +309,9 @@ async fn wait_reporting(
 
 fn run_detect(out: &mut impl Write, args: &DetectArgs) -> Result<(), RunSkillsError> {
     let skills = load_skill_dir(&args.skills)?;
-    let embedder = args
-        .detector_embeddings
-        .as_deref()
-        .map(TextEmbedder::load)
-        .transpose()
+    let detector = DetectorSettings::load(args.detector_embeddings.as_deref())
         .map_err(RunSkillsError::LoadDetectorEmbeddings)?
-        .map(Arc::new);
-    let detector = SkillDetector::with_embedder(
-        skills.values().map(SkillDocument::card),
-        DetectorConfig::default(),
-        embedder,
-    );
+        .build(skills.values().map(SkillDocument::card));
     let line = |detection: &Detection| match detection.similarity {
         Some(similarity) => format!(
             "{}\t{:.2}\tcos {similarity:.2}",
