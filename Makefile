@@ -62,9 +62,12 @@ api-test: venv model detector-embeddings ## OpenAI-client conformance, SSE, load
 	$(VPY) -m pytest -q tests/api
 
 # Not part of `make test` (minutes). Extra flags: make bench-routing BENCH_ARGS="--requests 30".
+# One compute thread per daemon, as on pods with cores of their own: the in-process daemons
+# would otherwise take turns in candle's one shared pool (docs/benchmarks.md, "Routing").
 BENCH_ARGS ?=
+BENCH_COMPUTE_THREADS ?= 1
 bench-routing: ## routing policies side by side on 3 real daemons, and router overhead (bench/routing)
-	nice $(CARGO) run --quiet --release -p skillkv-router --example bench_routing -- $(BENCH_ARGS)
+	CANDLE_NUM_THREADS=$(BENCH_COMPUTE_THREADS) nice $(CARGO) run --quiet --release -p skillkv-router --example bench_routing -- $(BENCH_ARGS)
 
 RUN_PORT   ?= 8080
 RUN_MODEL_ID = $(basename $(notdir $(SKILLKV_MODEL)))

@@ -25,7 +25,7 @@ bundle() {
     local json
     json=$(cargo test --release --no-run --message-format=json \
         -p skillkv-kernels -p skillkv-daemon --features skillkv-daemon/cuda,skillkv-kernels/cuda \
-        --test gpu_kernels --test nvrtc_compile --test cuda_forward --test skills_modular)
+        --test gpu_kernels --test gpu_attention --test nvrtc_compile --test cuda_forward --test skills_modular)
     python3 -c '
 import json, shutil, subprocess, sys
 for line in sys.stdin:
@@ -110,6 +110,7 @@ run() {
     export SKILLKV_REQUIRE_NVRTC=1 RUST_BACKTRACE=1
     step "$bin/nvrtc_compile" --nocapture
     step "$bin/gpu_kernels" --nocapture --test-threads=1
+    step "$bin/gpu_attention" --nocapture
     step "$bin/cuda_forward" --nocapture tiny_model
     step "$bin/skills_modular" --nocapture cuda::
     if join_model /tmp/skillkv-model.gguf >>"$log"; then

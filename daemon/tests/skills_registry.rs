@@ -327,9 +327,30 @@ async fn removing_a_skill_unpins_it_and_detection_picks_by_description() {
         "{unknown}"
     );
 
+    // Detection reuses its detector until the skills change: not a state or priority change.
+    assert_eq!(registry.detector_builds(), 1);
+    let mut reprioritised = update(document(
+        "kubernetes-debugging",
+        "Use when a Kubernetes pod crashes or is stuck pending",
+        &long_body("pod", 3),
+    ));
+    reprioritised.priority = 5;
+    assert!(registry.upsert(vec![reprioritised]));
+    let query = "my SQL query is slow, which indexes should I add to the joins?";
+    registry.resolve(&SkillSelection::Auto, query).unwrap();
+    assert_eq!(registry.detector_builds(), 1);
+
     assert!(registry.remove(&["sql-tuning".to_string()]));
     assert!(!registry.remove(&["sql-tuning".to_string()]));
     assert_eq!(registry.snapshot().len(), 1);
+    // The removed skill is no longer detected.
+    let after = registry.resolve(&SkillSelection::Auto, query).unwrap();
+    assert!(
+        after.is_empty(),
+        "{:?}",
+        after.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    assert_eq!(registry.detector_builds(), 2);
 }
 
 fn desired(generation: u64, skills: &[(&str, &str)]) -> DesiredState {

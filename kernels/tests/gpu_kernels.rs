@@ -1,119 +1,25 @@
 //! Every kernel against its CPU reference on random inputs, on the first CUDA device. Exact
 //! kernels (gathers, copies, RoPE, dequantization, argmax) must match bit for bit; kernels that
 //! reduce in another order or use the device's `expf` get relative bounds for f32. Without a
-//! device (or without libnvrtc) each test prints "skipped: no GPU" and passes.
+//! device (or without libnvrtc) each test prints "skipped: no GPU" and passes. The attention
+//! kernels have their own file, `gpu_attention.rs`.
 #![cfg(feature = "cuda")]
+
+mod common;
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchArgs, LaunchConfig,
-    PushKernelArg,
-};
+use common::{Gpu, Rng, assert_close, grid, launch};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::f16;
-use skillkv_kernels::loader::{KernelLoader, LoadKernelError};
-use skillkv_kernels::probe;
-use skillkv_kernels::reference::attention::{AttentionShape, ChunkRows, paged_attention};
+use skillkv_kernels::loader::LoadKernelError;
 use skillkv_kernels::reference::dequant::{self, BlockFormat};
 use skillkv_kernels::reference::kv::{self, KvShape, RowLayout};
 use skillkv_kernels::reference::{elementwise, rope, rope::RopeTable};
 use skillkv_kernels::registry::{self, BLOCK_SIZE};
 
-/// The device, a stream and the kernel loader.
-struct Gpu {
-    stream: Arc<CudaStream>,
-    loader: KernelLoader,
-}
-
-impl Gpu {
-    /// Device 0, or `None` (after printing why) when there is none or NVRTC is missing.
-    fn open() -> Option<Self> {
-        if let Err(error) = probe::device(0) {
-            println!("skipped: no GPU ({error})");
-            return None;
-        }
-        if let Err(error) = probe::nvrtc() {
-            println!("skipped: no GPU kernels without NVRTC ({error})");
-            return None;
-        }
-        let ctx = CudaContext::new(0).expect("open device 0");
-        let loader = KernelLoader::new(ctx.clone()).expect("kernel loader");
-        println!(
-            "device: {} ({})",
-            ctx.name().unwrap_or_default(),
-            loader.capability()
-        );
-        Some(Self {
-            stream: ctx.default_stream(),
-            loader,
-        })
-    }
-
-    fn function(&self, entry_point: &str) -> CudaFunction {
-        self.loader
-            .function(entry_point)
-            .unwrap_or_else(|error| panic!("{entry_point}: {error}"))
-    }
-
-    fn upload<T: DeviceRepr>(&self, host: &[T]) -> CudaSlice<T> {
-        self.stream.clone_htod(host).expect("upload")
-    }
-
-    fn download<T: DeviceRepr + Default + Clone>(&self, device: &CudaSlice<T>) -> Vec<T> {
-        self.stream.clone_dtoh(device).expect("download")
-    }
-}
-
-/// Launches the prepared kernel.
-#[allow(unsafe_code)]
-fn launch(args: &mut LaunchArgs<'_>, config: LaunchConfig) {
-    // SAFETY: FFI kernel launch: each test pushes exactly the arguments of the kernel's C
-    // signature (see the .cu sources), with device buffers sized for the grid it launches.
-    unsafe { args.launch(config) }.expect("launch");
-}
-
-fn grid(blocks: (u32, u32, u32), threads: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: blocks,
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 fn elements(n: usize) -> LaunchConfig {
     LaunchConfig::for_num_elems(n as u32)
-}
-
-/// SplitMix64: reproducible inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-scale, scale).
-    fn f32s(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
-            .collect()
-    }
-
-    fn below(&mut self, n: u32) -> u32 {
-        (self.next() % u64::from(n)) as u32
-    }
-}
-
-fn assert_close(what: &str, got: &[f32], expected: &[f32], relative: f32, absolute: f32) {
-    assert_eq!(got.len(), expected.len(), "{what}: length");
-    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
-        let bound = absolute + relative * e.abs();
-        assert!((g - e).abs() <= bound, "{what}[{i}]: GPU {g}, CPU {e}");
-    }
 }
 
 #[test]
@@ -390,173 +296,6 @@ fn kv_kernels_match_their_references_bit_for_bit() {
     kv::copy_rows(&mut k_pool, &mut v_pool, &src_slots, &dst_slots, shape);
     assert_eq!(gpu.download(&d_k), k_pool);
     assert_eq!(gpu.download(&d_v), v_pool);
-}
-
-/// A pool of random K/V and block tables for `lens` sequences (distinct blocks each).
-fn attention_case(
-    rng: &mut Rng,
-    shape: AttentionShape,
-    lens: &[usize],
-) -> (Vec<f32>, Vec<f32>, Vec<Vec<u32>>) {
-    let blocks: usize = lens.iter().map(|l| l.div_ceil(BLOCK_SIZE)).sum();
-    let mut ids: Vec<u32> = (0..blocks as u32 + 3).collect();
-    for i in (1..ids.len()).rev() {
-        ids.swap(i, rng.below(i as u32 + 1) as usize);
-    }
-    let mut next = ids.into_iter();
-    let tables = lens
-        .iter()
-        .map(|l| next.by_ref().take(l.div_ceil(BLOCK_SIZE)).collect())
-        .collect();
-    let floats = (blocks + 3) * shape.kv().block_floats();
-    (rng.f32s(floats, 2.0), rng.f32s(floats, 2.0), tables)
-}
-
-/// Tables padded to one `[n][max_blocks]` array.
-fn padded(tables: &[Vec<u32>]) -> (Vec<u32>, i32) {
-    let max_blocks = tables.iter().map(Vec::len).max().unwrap_or(0);
-    let flat = tables
-        .iter()
-        .flat_map(|t| {
-            t.iter()
-                .copied()
-                .chain(std::iter::repeat(0))
-                .take(max_blocks)
-        })
-        .collect();
-    (flat, max_blocks as i32)
-}
-
-#[test]
-fn paged_attention_kernels_match_the_reference() {
-    let Some(gpu) = Gpu::open() else { return };
-    let mut rng = Rng(5);
-    for shape in [
-        AttentionShape {
-            n_heads: 9,
-            n_kv_heads: 3,
-            head_dim: 64,
-        },
-        AttentionShape {
-            n_heads: 8,
-            n_kv_heads: 8,
-            head_dim: 80,
-        },
-        AttentionShape {
-            n_heads: 32,
-            n_kv_heads: 8,
-            head_dim: 128,
-        },
-    ] {
-        let threads = registry::attention_threads(shape.head_dim).expect("supported head");
-        let dims = [shape.n_heads, shape.n_kv_heads, shape.head_dim].map(|v| v as i32);
-        let scale = shape.scale();
-
-        // Decode: one row per sequence, lengths across block boundaries.
-        let lens = [1usize, 16, 17, 200, 513];
-        let (k_pool, v_pool, tables) = attention_case(&mut rng, shape, &lens);
-        let queries = rng.f32s(lens.len() * shape.row_width(), 2.0);
-        let (flat, max_blocks) = padded(&tables);
-        let seq_lens: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
-        let (d_q, d_k, d_v) = (
-            gpu.upload(&queries),
-            gpu.upload(&k_pool),
-            gpu.upload(&v_pool),
-        );
-        let (d_tables, d_lens) = (gpu.upload(&flat), gpu.upload(&seq_lens));
-        let mut d_out = gpu.stream.alloc_zeros::<f32>(queries.len()).unwrap();
-        let n_seqs = lens.len() as i32;
-        let f = gpu.function("paged_attention_decode_f32");
-        let mut args = gpu.stream.launch_builder(&f);
-        args.arg(&d_q)
-            .arg(&d_k)
-            .arg(&d_v)
-            .arg(&d_tables)
-            .arg(&d_lens)
-            .arg(&mut d_out);
-        args.arg(&n_seqs)
-            .arg(&max_blocks)
-            .arg(&dims[0])
-            .arg(&dims[1])
-            .arg(&dims[2])
-            .arg(&scale);
-        launch(
-            &mut args,
-            grid((lens.len() as u32, shape.n_heads as u32, 1), threads),
-        );
-        let chunks: Vec<ChunkRows<'_>> = lens
-            .iter()
-            .zip(&tables)
-            .enumerate()
-            .map(|(i, (&len, table))| ChunkRows {
-                first_row: i,
-                len: 1,
-                start_pos: len - 1,
-                block_table: table,
-            })
-            .collect();
-        let expected = paged_attention(shape, &queries, &chunks, &k_pool, &v_pool);
-        assert_close("decode", &gpu.download(&d_out), &expected, 1e-4, 1e-5);
-
-        // Prefill: chunks (first row, len, start) after cached prefixes, one starting at 0.
-        let specs = [
-            (0usize, 5usize, 0usize),
-            (5, 40, 23),
-            (45, 1, 300),
-            (46, 17, 16),
-        ];
-        let total_lens: Vec<usize> = specs.iter().map(|&(_, len, start)| start + len).collect();
-        let (k_pool, v_pool, tables) = attention_case(&mut rng, shape, &total_lens);
-        let rows = 63usize;
-        let queries = rng.f32s(rows * shape.row_width(), 2.0);
-        let (flat, max_blocks) = padded(&tables);
-        let column = |i: usize| {
-            specs
-                .iter()
-                .map(|s| [s.0, s.1, s.2][i] as u32)
-                .collect::<Vec<_>>()
-        };
-        let (d_first, d_len, d_start) = (
-            gpu.upload(&column(0)),
-            gpu.upload(&column(1)),
-            gpu.upload(&column(2)),
-        );
-        let (d_q, d_k, d_v) = (
-            gpu.upload(&queries),
-            gpu.upload(&k_pool),
-            gpu.upload(&v_pool),
-        );
-        let d_tables = gpu.upload(&flat);
-        let mut d_out = gpu.stream.alloc_zeros::<f32>(queries.len()).unwrap();
-        let n_chunks = specs.len() as i32;
-        let f = gpu.function("paged_attention_prefill_f32");
-        let mut args = gpu.stream.launch_builder(&f);
-        args.arg(&d_q)
-            .arg(&d_k)
-            .arg(&d_v)
-            .arg(&d_tables)
-            .arg(&d_first)
-            .arg(&d_len)
-            .arg(&d_start);
-        args.arg(&mut d_out).arg(&n_chunks).arg(&max_blocks);
-        args.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&scale);
-        launch(
-            &mut args,
-            grid((40, shape.n_heads as u32, specs.len() as u32), threads),
-        );
-        let chunks: Vec<ChunkRows<'_>> = specs
-            .iter()
-            .zip(&tables)
-            .map(|(&(first_row, len, start_pos), table)| ChunkRows {
-                first_row,
-                len,
-                start_pos,
-                block_table: table,
-            })
-            .collect();
-        let expected = paged_attention(shape, &queries, &chunks, &k_pool, &v_pool);
-        assert_close("prefill", &gpu.download(&d_out), &expected, 1e-4, 1e-5);
-    }
 }
 
 #[test]

@@ -539,7 +539,7 @@ async fn run(args: Args) -> BenchResult<()> {
     println!(
         "  {} daemons, S = {} skills of ~{} tokens, pinned budget {:.1} skills per daemon ({:.0}% of {} MiB KV), \
          {} requests ({} skill uses, Zipf {}, questions of ~{} tokens = {question_chars} characters), \
-         concurrency {}, {} tokens out, {} CPU threads",
+         concurrency {}, {} tokens out, {} CPU threads, {}",
         args.daemons,
         args.skills,
         args.skill_tokens,
@@ -552,7 +552,11 @@ async fn run(args: Args) -> BenchResult<()> {
         args.question_tokens,
         args.concurrency,
         args.max_tokens,
-        std::thread::available_parallelism().map_or(1, usize::from)
+        std::thread::available_parallelism().map_or(1, usize::from),
+        match std::env::var("CANDLE_NUM_THREADS") {
+            Ok(threads) => format!("CANDLE_NUM_THREADS={threads} compute threads per daemon"),
+            Err(_) => "the daemons share one compute pool (CANDLE_NUM_THREADS unset)".to_string(),
+        }
     );
     let fleet = Fleet {
         options: &options,

@@ -186,9 +186,15 @@ impl Pod {
             AdminEvent::BlockEvicted { hash } => state.prefix.remove(&hash),
             AdminEvent::Load(load) => state.load = load,
             AdminEvent::SkillState(skill) => {
+                // Detection reads only a skill's card: its phase and counters keep the detector.
+                let card_changed = state.skills.get(&skill.name).is_none_or(|known| {
+                    (&known.description, &known.keywords) != (&skill.description, &skill.keywords)
+                });
                 state.skills.insert(skill.name.clone(), skill);
                 drop(state);
-                self.skills_changed();
+                if card_changed {
+                    self.skills_changed();
+                }
             }
             AdminEvent::SkillRemoved { name } => {
                 state.skills.remove(&name);
@@ -304,7 +310,8 @@ impl Fleet {
             .collect()
     }
 
-    /// The skill detector over every skill the fleet knows, rebuilt when skills change.
+    /// The skill detector over every skill the fleet knows, rebuilt when a skill appears, goes
+    /// or gets another description or keywords (not when its phase changes).
     pub fn detector(&self) -> Arc<SkillDetector> {
         let epoch = self.skills_epoch.load(Ordering::Relaxed);
         let mut cached = self

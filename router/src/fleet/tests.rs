@@ -264,6 +264,20 @@ fn the_detector_follows_skill_changes() {
         .map(|d| d.name)
         .collect();
     assert_eq!(found, ["sql"]);
+    // A phase change keeps the detector; a new description rebuilds it.
+    let built = fleet.detector();
+    pod.apply_event(AdminEvent::SkillState(skill(
+        "sql",
+        PlacementState::Prefilling,
+        "Writing SQL queries for Postgres databases.",
+    )));
+    assert!(Arc::ptr_eq(&built, &fleet.detector()));
+    pod.apply_event(AdminEvent::SkillState(skill(
+        "sql",
+        PlacementState::Ready,
+        "Tuning slow SQL queries in Postgres.",
+    )));
+    assert!(!Arc::ptr_eq(&built, &fleet.detector()));
     pod.apply_event(AdminEvent::SkillRemoved {
         name: "sql".to_string(),
     });

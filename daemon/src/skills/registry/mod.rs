@@ -187,7 +187,10 @@ struct SkillEntry {
 struct RegistryState {
     skills: BTreeMap<String, SkillEntry>,
     next_revision: u64,
+    /// Built from the skills' cards by the first detection after a skill was added, removed or
+    /// given a new text; state changes (prefilling, ready, pins) keep it.
     detector: Option<Arc<SkillDetector>>,
+    detector_builds: u64,
 }
 
 impl RegistryState {
@@ -284,6 +287,12 @@ impl SkillRegistry {
         self.events.subscribe()
     }
 
+    /// How many times the skill detector was built: once after each change to the set of
+    /// skills or their texts, on the first request that needs detection.
+    pub fn detector_builds(&self) -> u64 {
+        self.lock().detector_builds
+    }
+
     /// A receiver that changes whenever any skill's state does.
     pub fn watch_changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
@@ -296,7 +305,6 @@ impl SkillRegistry {
                 name: name.to_string(),
             },
         };
-        state.detector = None;
         let _ = self.events.send(event);
         self.changes.send_modify(|count| *count += 1);
     }
@@ -388,6 +396,13 @@ impl SkillRegistry {
             }
             return changed;
         }
+        let card_changed = state
+            .skills
+            .get(&update.name)
+            .is_none_or(|entry| entry.latest.document.content_hash != update.document.content_hash);
+        if card_changed {
+            state.detector = None;
+        }
         let prefix = skill_prefix_tokens(&self.template, &self.tokenizer, &update.document.text);
         let (prefix_tokens, failure) = match prefix {
             Ok(tokens) => (tokens, None),
@@ -458,6 +473,7 @@ impl SkillRegistry {
         for name in names {
             if let Some(entry) = state.skills.remove(name) {
                 unpins.extend(entry.serving.map(|s| s.pin));
+                state.detector = None;
                 self.publish(&mut state, name);
                 changed = true;
             }
@@ -512,6 +528,7 @@ impl SkillRegistry {
                         });
                         let detector = Arc::new(self.config.detector.build(cards));
                         state.detector = Some(detector.clone());
+                        state.detector_builds += 1;
                         detector
                     }
                 };
