@@ -105,7 +105,7 @@ async fn answer(
     stats: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<String> {
-    let prompt = assemble_chat(&serving.template, &serving.tokenizer, &[], conversation)?;
+    let prompt = assemble_chat::<&str>(&serving.template, &serving.tokenizer, &[], conversation)?;
     let started = Instant::now();
     let mut stream = serving.engine.submit(GenerateRequest {
         request_id: "chat".to_string(),

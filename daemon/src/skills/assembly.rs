@@ -72,37 +72,86 @@ fn skill_messages<'a>(skill_texts: impl IntoIterator<Item = &'a str>) -> Vec<Cha
         .collect()
 }
 
-/// The tokens of a skill on its own — what is prefilled and pinned for it.
-pub fn skill_prefix_tokens(
+/// A skill on its own: `[system: SKILL.md]` rendered by the chat template, and its tokens —
+/// what is prefilled and pinned for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenizedSkill {
+    /// The rendering.
+    pub rendered: String,
+    /// Its tokens.
+    pub tokens: Vec<u32>,
+}
+
+/// Renders and tokenizes a skill on its own.
+pub fn tokenize_skill(
     template: &ChatTemplate,
     tokenizer: &GgufTokenizer,
     skill_text: &str,
-) -> Result<Vec<u32>, AssemblePromptError> {
-    let text = template.render(&skill_messages([skill_text]), false)?;
-    Ok(tokenizer.encode(&text)?)
+) -> Result<TokenizedSkill, AssemblePromptError> {
+    let rendered = template.render(&skill_messages([skill_text]), false)?;
+    let tokens = tokenizer.encode(&rendered)?;
+    Ok(TokenizedSkill { rendered, tokens })
 }
 
-/// Assembles `[skills…][conversation]` (with the assistant header at the end). `skill_texts`
-/// must already be in canonical order.
-pub fn assemble_chat(
+/// What assembly needs of a skill: its text, and, when the caller keeps them, its rendering
+/// alone with that rendering's tokens (a skill version does: [`TokenizedSkill`]).
+pub trait PromptSkill {
+    /// The SKILL.md text.
+    fn text(&self) -> &str;
+
+    /// The skill rendered alone and its tokens. A segment of the prompt that renders exactly
+    /// so — the first skill always, later ones wherever the template renders a message the same
+    /// at any position, as ChatML does — takes these tokens instead of being tokenized again
+    /// (~5 ms per 2,000-token skill on every request otherwise).
+    fn rendered_alone(&self) -> Option<(&str, &[u32])> {
+        None
+    }
+}
+
+impl PromptSkill for &str {
+    fn text(&self) -> &str {
+        self
+    }
+}
+
+/// A skill's text with its kept rendering and tokens.
+impl PromptSkill for (&str, &TokenizedSkill) {
+    fn text(&self) -> &str {
+        self.0
+    }
+
+    fn rendered_alone(&self) -> Option<(&str, &[u32])> {
+        Some((&self.1.rendered, &self.1.tokens))
+    }
+}
+
+/// Assembles `[skills…][conversation]` (with the assistant header at the end). `skills` must
+/// already be in canonical order.
+pub fn assemble_chat<S: PromptSkill>(
     template: &ChatTemplate,
     tokenizer: &GgufTokenizer,
-    skill_texts: &[&str],
+    skills: &[S],
     conversation: &[ChatMessage],
 ) -> Result<AssembledPrompt, AssemblePromptError> {
-    let mut messages = skill_messages(skill_texts.iter().copied());
+    let mut messages = skill_messages(skills.iter().map(PromptSkill::text));
     messages.extend(conversation.iter().cloned());
     let full = template.render(&messages, true)?;
     let mut tokens = Vec::new();
-    let mut skill_spans = Vec::with_capacity(skill_texts.len());
+    let mut skill_spans = Vec::with_capacity(skills.len());
     let mut rendered = 0;
-    for count in 1..=skill_texts.len() {
+    for (count, skill) in (1..).zip(skills) {
         let prefix = template.render(&messages[..count], false)?;
         if !full.starts_with(&prefix) || prefix.len() < rendered {
             return Err(AssemblePromptError::NotPrefixStable { skills: count });
         }
         let start = tokens.len();
-        tokens.extend(tokenizer.encode(&prefix[rendered..])?);
+        let segment = &prefix[rendered..];
+        match skill.rendered_alone() {
+            Some((alone, alone_tokens)) if !alone.is_empty() && alone == segment => {
+                tokens.extend_from_slice(alone_tokens);
+            }
+            _ => tokens.extend(tokenizer.encode(segment)?),
+        }
         skill_spans.push(start..tokens.len());
         rendered = prefix.len();
     }
@@ -142,7 +191,9 @@ mod tests {
     fn a_skill_alone_is_the_prefix_of_every_request_it_leads() {
         let (tokenizer, template) = fixtures();
         let skill = "---\nname: alpha\ndescription: a\n---\nAlways answer in haiku.";
-        let alone = skill_prefix_tokens(&template, &tokenizer, skill).expect("tokens");
+        let alone = tokenize_skill(&template, &tokenizer, skill)
+            .expect("tokens")
+            .tokens;
         let other = "---\nname: beta\ndescription: b\n---\nCite sources.";
         let conversation = [ChatMessage::new("user", "hello there")];
         let prompt =
@@ -151,6 +202,43 @@ mod tests {
         assert_eq!(prompt.skill_spans[0], 0..alone.len());
         assert_eq!(prompt.skill_spans[1].start, alone.len());
         assert!(prompt.skill_spans[1].end < prompt.tokens.len());
+    }
+
+    #[test]
+    fn a_segment_that_renders_as_the_skill_alone_takes_its_kept_tokens() {
+        let (tokenizer, template) = fixtures();
+        let (first, second) = (
+            "---\nname: alpha\ndescription: a\n---\nAlways answer in haiku.",
+            "---\nname: beta\ndescription: b\n---\nCite sources.",
+        );
+        let conversation = [ChatMessage::new("user", "hello there")];
+        let plain =
+            assemble_chat(&template, &tokenizer, &[first, second], &conversation).expect("prompt");
+        // Kept tokens that are a marker, to see where they are used.
+        let marked = |text| {
+            let mut alone = tokenize_skill(&template, &tokenizer, text).expect("tokens");
+            alone.tokens = vec![7; 3];
+            alone
+        };
+        let (first_kept, second_kept) = (marked(first), marked(second));
+        let reused = assemble_chat(
+            &template,
+            &tokenizer,
+            &[(first, &first_kept), (second, &second_kept)],
+            &conversation,
+        )
+        .expect("prompt");
+        // The tiny template renders a system message the same at any position.
+        assert_eq!(reused.skill_spans, [0..3, 3..6]);
+        assert_eq!(reused.tokens[..6], [7; 6]);
+        assert_eq!(reused.tokens[6..], plain.tokens[plain.skill_spans[1].end..]);
+        // A rendering that is not the segment's is not used.
+        let mut stale = marked(first);
+        stale.rendered.push(' ');
+        let fresh = assemble_chat(&template, &tokenizer, &[(first, &stale)], &conversation)
+            .expect("prompt");
+        let fresh_plain = assemble_chat(&template, &tokenizer, &[first], &conversation);
+        assert_eq!(fresh.tokens, fresh_plain.expect("prompt").tokens);
     }
 
     #[test]
@@ -178,7 +266,8 @@ mod tests {
             ChatMessage::new("system", "be brief"),
             ChatMessage::new("user", "hi"),
         ];
-        let prompt = assemble_chat(&template, &tokenizer, &[], &conversation).expect("prompt");
+        let prompt =
+            assemble_chat::<&str>(&template, &tokenizer, &[], &conversation).expect("prompt");
         let plain = tokenizer
             .encode(&template.render(&conversation, true).expect("render"))
             .expect("encode");

@@ -11,7 +11,8 @@ pub mod store;
 pub mod unpinned;
 
 pub use assembly::{
-    AssemblePromptError, AssembledPrompt, assemble_chat, modular_spans, skill_prefix_tokens,
+    AssemblePromptError, AssembledPrompt, PromptSkill, TokenizedSkill, assemble_chat,
+    modular_spans, tokenize_skill,
 };
 pub use desired::{ApplyDesiredStateError, DesiredStateManager};
 pub use directory::{LoadSkillDirError, load_skill_dir};

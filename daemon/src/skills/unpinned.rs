@@ -185,7 +185,7 @@ mod tests {
     use crate::engine::model::{LlamaModel, LoadOptions};
     use crate::engine::testing::{TinyModelSpec, write_tiny_gguf};
     use crate::engine::{Engine, EngineConfig, KvCacheSize};
-    use crate::skills::SkillVersion;
+    use crate::skills::{SkillVersion, TokenizedSkill};
 
     fn engine() -> EngineHandle {
         engine_with(EngineConfig {
@@ -210,7 +210,10 @@ mod tests {
             name: name.to_string(),
             version: Arc::new(SkillVersion::new(
                 document,
-                (0..40).map(|i| (i * 7 + salt) % 250 + 3).collect(),
+                TokenizedSkill {
+                    rendered: String::new(),
+                    tokens: (0..40).map(|i| (i * 7 + salt) % 250 + 3).collect(),
+                },
                 HashNamespace::default().root(),
             )),
             warm,

@@ -31,7 +31,7 @@ use crate::engine::{
     Engine, EngineConfig, EngineHandle, ForwardModel, GenerateRequest, GenerationEvent,
     KvCacheSize, ModularSpan,
 };
-use crate::skills::{assemble_chat, load_skill_dir, skill_prefix_tokens};
+use crate::skills::{assemble_chat, load_skill_dir, tokenize_skill};
 
 /// `skillkv bench modular` flags.
 #[derive(Debug, Args)]
@@ -260,7 +260,7 @@ pub fn run(args: &BenchModularArgs) -> anyhow::Result<()> {
         .build()?;
     let started = Instant::now();
     for (name, document) in &documents {
-        let tokens = skill_prefix_tokens(&template, &tokenizer, &document.text)?;
+        let tokens = tokenize_skill(&template, &tokenizer, &document.text)?.tokens;
         let count = tokens.len();
         runtime.block_on(engine.pin(PinRequest {
             tokens,

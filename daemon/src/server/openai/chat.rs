@@ -17,7 +17,7 @@ use crate::server::openai::generate::{
 use crate::server::openai::sse::{ChunkFormat, stream_response};
 use crate::server::openai::types::{ApiJson, CommonFields, Usage, unix_now};
 use crate::server::request_id::RequestId;
-use crate::skills::{SkillSelection, assemble_chat};
+use crate::skills::{SkillSelection, SkillVersion, assemble_chat};
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -123,11 +123,8 @@ pub async fn create(
         .find(|message| message.role == "user")
         .map_or("", |message| message.content.as_str());
     let resolved = serving.skills.resolve(&selection, query)?;
-    let texts: Vec<&str> = resolved
-        .iter()
-        .map(|skill| skill.version.document.text.as_str())
-        .collect();
-    let prompt = assemble_chat(&serving.template, &serving.tokenizer, &texts, &messages)?;
+    let versions: Vec<&SkillVersion> = resolved.iter().map(|skill| &*skill.version).collect();
+    let prompt = assemble_chat(&serving.template, &serving.tokenizer, &versions, &messages)?;
     if state.config.log_content {
         log_prompt(&state, &serving.tokenizer.decode(&prompt.tokens));
     }

@@ -366,7 +366,7 @@ mod tests {
     use skillkv_api::v1alpha1::Assembly;
 
     use super::*;
-    use crate::skills::SkillVersion;
+    use crate::skills::{SkillVersion, TokenizedSkill};
 
     fn skill(name: &str, assembly: Assembly) -> ResolvedSkill {
         let text = format!("---\nname: {name}\ndescription: d\n---\nbody\n");
@@ -375,7 +375,10 @@ mod tests {
             name: name.to_string(),
             version: Arc::new(SkillVersion::new(
                 document,
-                Vec::new(),
+                TokenizedSkill {
+                    rendered: String::new(),
+                    tokens: Vec::new(),
+                },
                 HashNamespace::default().root(),
             )),
             warm: true,

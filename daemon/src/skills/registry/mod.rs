@@ -28,7 +28,7 @@ use crate::engine::EngineHandle;
 use crate::engine::chat_template::ChatTemplate;
 use crate::engine::handle::PinId;
 use crate::engine::tokenizer::GgufTokenizer;
-use crate::skills::assembly::skill_prefix_tokens;
+use crate::skills::assembly::{PromptSkill, TokenizedSkill, tokenize_skill};
 use crate::skills::store::SkillStore;
 
 mod prefill;
@@ -68,6 +68,8 @@ impl Default for SkillsConfig {
 pub struct SkillVersion {
     /// The parsed SKILL.md.
     pub document: SkillDocument,
+    /// The chat template's rendering of `[system: SKILL.md]`, which `prefix_tokens` encode.
+    pub rendered: String,
     /// The tokens prefilled and pinned for it (`[system: SKILL.md]`).
     pub prefix_tokens: Vec<u32>,
     /// The hash of the last full block of those tokens under the base model's namespace
@@ -76,14 +78,26 @@ pub struct SkillVersion {
 }
 
 impl SkillVersion {
-    /// A version of `document` whose prefix is `prefix_tokens`, its blocks chained from `root`.
-    pub fn new(document: SkillDocument, prefix_tokens: Vec<u32>, root: BlockHash) -> Self {
-        let last_block = block_hashes_from(root, &prefix_tokens).last().copied();
+    /// A version of `document` rendered and tokenized as `prefix`, its blocks chained from
+    /// `root`.
+    pub fn new(document: SkillDocument, prefix: TokenizedSkill, root: BlockHash) -> Self {
+        let last_block = block_hashes_from(root, &prefix.tokens).last().copied();
         Self {
             document,
-            prefix_tokens,
+            rendered: prefix.rendered,
+            prefix_tokens: prefix.tokens,
             last_block,
         }
+    }
+}
+
+impl PromptSkill for &SkillVersion {
+    fn text(&self) -> &str {
+        &self.document.text
+    }
+
+    fn rendered_alone(&self) -> Option<(&str, &[u32])> {
+        Some((&self.rendered, &self.prefix_tokens))
     }
 }
 
@@ -403,17 +417,17 @@ impl SkillRegistry {
         if card_changed {
             state.detector = None;
         }
-        let prefix = skill_prefix_tokens(&self.template, &self.tokenizer, &update.document.text);
-        let (prefix_tokens, failure) = match prefix {
-            Ok(tokens) => (tokens, None),
+        let prefix = tokenize_skill(&self.template, &self.tokenizer, &update.document.text);
+        let (prefix, failure) = match prefix {
+            Ok(prefix) => (prefix, None),
             Err(error) => (
-                Vec::new(),
+                TokenizedSkill::default(),
                 Some(format!("cannot tokenize the skill: {error}")),
             ),
         };
         let version = Arc::new(SkillVersion::new(
             update.document,
-            prefix_tokens,
+            prefix,
             self.engine.namespace_root(None),
         ));
         state.next_revision += 1;
