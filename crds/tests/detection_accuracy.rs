@@ -262,13 +262,7 @@ fn assert_accuracy(detector: &SkillDetector, set: &str, queries: &[Labelled], re
         let detected = detector.detect(&labelled.query);
         let got: BTreeSet<String> = detected.iter().map(|d| d.name.clone()).collect();
         if got != labelled.skills {
-            let scored: Vec<String> = detected
-                .iter()
-                .map(|d| match d.similarity {
-                    Some(similarity) => format!("{} {:.2} cos {similarity:.2}", d.name, d.score),
-                    None => format!("{} {:.2}", d.name, d.score),
-                })
-                .collect();
+            let scored: Vec<String> = detected.iter().map(ToString::to_string).collect();
             misses.push(format!(
                 "  {:?}\n    expected {:?}, got [{}]",
                 labelled.query,

@@ -146,6 +146,17 @@ pub struct Detection {
     pub similarity: Option<f32>,
 }
 
+impl std::fmt::Display for Detection {
+    /// `name<TAB>score`, and `<TAB>cos similarity` with embeddings (`skillkv skills detect`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}\t{:.2}", self.name, self.score)?;
+        match self.similarity {
+            Some(similarity) => write!(f, "\tcos {similarity:.2}"),
+            None => Ok(()),
+        }
+    }
+}
+
 const NAME_WEIGHT: f32 = 3.0;
 const KEYWORD_WEIGHT: f32 = 2.0;
 const DESCRIPTION_WEIGHT: f32 = 1.0;

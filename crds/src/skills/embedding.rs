@@ -300,6 +300,8 @@ pub(crate) mod tests {
         assert_eq!(twist.len(), 1);
         assert_eq!(twist[0].name, "literature");
         assert_eq!(twist[0].similarity, Some(1.0));
+        assert!(twist[0].to_string().starts_with("literature\t"));
+        assert!(twist[0].to_string().ends_with("\tcos 1.00"), "{}", twist[0]);
         // Nothing similar enough: nothing chosen.
         assert!(names("sql").is_empty());
         assert!(names("").is_empty());

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use skillkv_api::admin::{DaemonState, STATE_PATH, SkillState};
-use skillkv_api::skills::{Detection, DetectorSettings, LoadEmbeddingsError, SkillDocument};
+use skillkv_api::skills::{DetectorSettings, LoadEmbeddingsError, SkillDocument};
 use skillkv_api::v1alpha1::{Assembly, PlacementState};
 
 use crate::cli::serve::default_model_path;
@@ -312,24 +312,17 @@ fn run_detect(out: &mut impl Write, args: &DetectArgs) -> Result<(), RunSkillsEr
     let detector = DetectorSettings::load(args.detector_embeddings.as_deref())
         .map_err(RunSkillsError::LoadDetectorEmbeddings)?
         .build(skills.values().map(SkillDocument::card));
-    let line = |detection: &Detection| match detection.similarity {
-        Some(similarity) => format!(
-            "{}\t{:.2}\tcos {similarity:.2}",
-            detection.name, detection.score
-        ),
-        None => format!("{}\t{:.2}", detection.name, detection.score),
-    };
     let selected = detector.detect(&args.query);
     if selected.is_empty() {
         writeln!(out, "no skill selected")?;
     }
     for detection in &selected {
-        writeln!(out, "{}", line(detection))?;
+        writeln!(out, "{detection}")?;
     }
     if args.all {
         writeln!(out, "-- all scores --")?;
         for detection in detector.scores(&args.query) {
-            writeln!(out, "{}", line(&detection))?;
+            writeln!(out, "{detection}")?;
         }
     }
     Ok(())
