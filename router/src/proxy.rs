@@ -2,7 +2,8 @@
 //! answers. A connection failure or an error before the response starts, or a 503, moves the
 //! request to the next pod; once a response has started it is passed through as it arrives,
 //! and a failure from then on is the client's to see (never a second attempt that could
-//! duplicate output).
+//! duplicate output). A request that named no skills carries the ones the router detected,
+//! so the daemon serves what it was routed for.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,6 +12,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use bytes::Bytes;
 use http_body_util::Full;
+use skillkv_api::skills::{DETECTED_SKILLS_HEADER, detected_skills_value};
 
 use crate::error::RouteRequestError;
 use crate::fleet::Pod;
@@ -55,6 +57,9 @@ pub struct Dispatch {
     pub model: String,
     /// The skills it needs: each pod it is sent to counts their KV as just used.
     pub skills: Vec<String>,
+    /// Whether the router detected `skills` (the request named none): they travel to the
+    /// daemon in [`DETECTED_SKILLS_HEADER`], so it serves the skills it was chosen for.
+    pub detected: bool,
     /// Where to send it.
     pub decision: Decision,
     /// Its rate-limit admission.
@@ -69,6 +74,7 @@ fn forwardable(name: &HeaderName) -> bool {
         && name != header::AUTHORIZATION
         && name != header::CONTENT_LENGTH
         && name.as_str() != REQUEST_ID_HEADER
+        && name.as_str() != DETECTED_SKILLS_HEADER
 }
 
 fn upstream_request(
@@ -78,6 +84,12 @@ fn upstream_request(
     let mut builder = Request::post(format!("{}{}", pod.backend.url, dispatch.endpoint.path()));
     for (name, value) in dispatch.headers.iter().filter(|(n, _)| forwardable(n)) {
         builder = builder.header(name, value);
+    }
+    if dispatch.detected {
+        builder = builder.header(
+            DETECTED_SKILLS_HEADER,
+            detected_skills_value(&dispatch.skills),
+        );
     }
     builder
         .header(REQUEST_ID_HEADER, dispatch.request_id.as_str())

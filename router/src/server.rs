@@ -199,6 +199,7 @@ async fn route_and_forward(
             model: summary.model,
         });
     }
+    let detected = summary.skills.is_none();
     let skills = request_skills(&state.fleet, &summary);
     let candidates =
         state
@@ -225,6 +226,7 @@ async fn route_and_forward(
             request_id,
             model: summary.model,
             skills,
+            detected,
             decision,
             admission,
             started,

@@ -1,6 +1,7 @@
 //! The router in front of fake daemons on loopback: pass-through streaming, request ids,
 //! retries before the first byte and none after, API keys, rate limits, model listing, and
-//! routing by the skills the daemons report on their admin event streams.
+//! routing by the skills the daemons report on their admin event streams, with the skills the
+//! router detected handed to the daemon.
 
 mod common;
 
@@ -298,22 +299,49 @@ async fn requests_go_where_their_skills_are_ready() {
     let warm = FakeDaemon::start("b", "m", vec![sql], None).await;
     let router = TestRouter::start(config(vec![plain.backend(), warm.backend()])).await;
     router.wait_healthy(2).await;
-    // Named in the request.
+    let seen_detected = |daemon: &FakeDaemon| {
+        daemon
+            .state
+            .seen_detected_skills
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+    };
+    // Named in the request: the daemon gets no detection, even one a client sent.
     let body =
         json!({"model": "m", "skills": ["sql"], "messages": [{"role": "user", "content": "hi"}]});
-    let response = router.post("/v1/chat/completions", body, &[]).await;
+    let response = router
+        .post(
+            "/v1/chat/completions",
+            body,
+            &[("x-skillkv-detected-skills", "cooking")],
+        )
+        .await;
     assert_eq!(
         response.headers()["x-skillkv-backend"],
         warm.name().as_str()
     );
     assert_eq!(response.headers()["x-skillkv-route"], "skill-hit");
-    // Detected from the text.
+    assert_eq!(seen_detected(&warm), Some(None));
+    // Detected from the text: the daemon is told what the router detected.
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "write a postgres sql query with a join"}]});
     let response = router.post("/v1/chat/completions", body.clone(), &[]).await;
     assert_eq!(
         response.headers()["x-skillkv-backend"],
         warm.name().as_str()
     );
+    assert_eq!(seen_detected(&warm), Some(Some("sql".to_string())));
+    // Nothing detected: the daemon is told so (an empty list), not left to detect again.
+    let nothing = json!({"model": "m", "messages": [{"role": "user", "content": "hello"}]});
+    let response = router.post("/v1/chat/completions", nothing, &[]).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let daemon = if response.headers()["x-skillkv-backend"] == warm.name().as_str() {
+        &warm
+    } else {
+        &plain
+    };
+    assert_eq!(seen_detected(daemon), Some(Some(String::new())));
     // The skill goes away on the warm pod and appears on the other: routing follows events.
     warm.state
         .events

@@ -21,6 +21,7 @@ use skillkv_api::admin::{
     AdminEvent, DaemonState, KvBudget, LoadFigures, ModelInfo, SkillOrigin, SkillState,
 };
 use skillkv_api::block_hash::HashNamespace;
+use skillkv_api::skills::DETECTED_SKILLS_HEADER;
 use skillkv_api::v1alpha1::{Assembly, PlacementState};
 use skillkv_router::client::{Upstream, upstream_client};
 use skillkv_router::{BackendConfig, BoundRouter, RouterConfig};
@@ -50,6 +51,8 @@ pub struct FakeState {
     pub skills: Mutex<Vec<SkillState>>,
     pub admin_up: Mutex<bool>,
     pub seen_request_ids: Mutex<Vec<String>>,
+    /// Per generation request, its `x-skillkv-detected-skills` header (`None`: absent).
+    pub seen_detected_skills: Mutex<Vec<Option<String>>>,
 }
 
 /// A running fake daemon.
@@ -135,6 +138,11 @@ async fn generate(
             .expect("lock")
             .push(id.to_string());
     }
+    state.seen_detected_skills.lock().expect("lock").push(
+        headers
+            .get(DETECTED_SKILLS_HEADER)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+    );
     let mode = *state.mode.lock().expect("lock");
     if mode == Mode::Unavailable {
         return (
@@ -243,6 +251,7 @@ impl FakeDaemon {
             skills: Mutex::new(skills),
             admin_up: Mutex::new(true),
             seen_request_ids: Mutex::new(Vec::new()),
+            seen_detected_skills: Mutex::new(Vec::new()),
         });
         let public = serve(
             Router::new()

@@ -4,9 +4,11 @@
 
 use axum::Extension;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use skillkv_api::skills::DETECTED_SKILLS_HEADER;
 
 use crate::engine::chat_template::ChatMessage;
 use crate::server::AppState;
@@ -17,7 +19,7 @@ use crate::server::openai::generate::{
 use crate::server::openai::sse::{ChunkFormat, stream_response};
 use crate::server::openai::types::{ApiJson, CommonFields, Usage, unix_now};
 use crate::server::request_id::RequestId;
-use crate::skills::{SkillSelection, SkillVersion, assemble_chat};
+use crate::skills::{SkillVersion, assemble_chat};
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -101,6 +103,7 @@ fn to_chat_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> 
 pub async fn create(
     State(state): State<AppState>,
     Extension(RequestId(request_id)): Extension<RequestId>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let serving = state.serving()?;
@@ -116,7 +119,9 @@ pub async fn create(
     };
     let sampling = request.common.sampling(&serving.info.id, top_logprobs)?;
     let messages = to_chat_messages(&request.messages)?;
-    let selection = request.common.skill_selection()?;
+    let selection = request
+        .common
+        .skill_selection(headers.get(DETECTED_SKILLS_HEADER))?;
     let query = messages
         .iter()
         .rev()
@@ -130,7 +135,7 @@ pub async fn create(
     }
     let mut skills = PromptSkills {
         skills: resolved.into_iter().zip(prompt.skill_spans).collect(),
-        detected: selection == SkillSelection::Auto,
+        detected: selection.is_detected(),
     };
     let prepared = serving
         .unpinned

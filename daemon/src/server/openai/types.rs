@@ -3,9 +3,10 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use skillkv_api::skills::{DETECTED_SKILLS_HEADER, parse_detected_skills};
 
 use crate::engine::sampling::SamplingParams;
 use crate::server::AppState;
@@ -118,11 +119,30 @@ impl CommonFields {
             .is_some_and(|options| options.include_usage)
     }
 
-    /// Which skills the request wants: absent or `"auto"` means detection.
-    pub fn skill_selection(&self) -> Result<SkillSelection, ApiError> {
-        match &self.skills {
+    /// Which skills the request wants: absent or `"auto"` means detection — the router's, when
+    /// `detected_by_router` (the value of [`DETECTED_SKILLS_HEADER`]) is given, else this
+    /// daemon's.
+    pub fn skill_selection(
+        &self,
+        detected_by_router: Option<&HeaderValue>,
+    ) -> Result<SkillSelection, ApiError> {
+        let auto = || {
+            match detected_by_router {
             None => Ok(SkillSelection::Auto),
-            Some(SkillsField::Keyword(keyword)) if keyword == "auto" => Ok(SkillSelection::Auto),
+            Some(value) => value
+                .to_str()
+                .map(|value| SkillSelection::Routed(parse_detected_skills(value)))
+                .map_err(|_| ApiError::BadRequest {
+                    message: format!(
+                        "the {DETECTED_SKILLS_HEADER} header must be skill names separated by commas"
+                    ),
+                    param: None,
+                }),
+        }
+        };
+        match &self.skills {
+            None => auto(),
+            Some(SkillsField::Keyword(keyword)) if keyword == "auto" => auto(),
             Some(SkillsField::Keyword(other)) => Err(ApiError::bad_param(
                 "skills",
                 format!("`skills` must be a list of skill names or \"auto\", not \"{other}\""),

@@ -13,6 +13,9 @@
 //! A skill desired with `pin: false` (the operator placed it on other pods) is known but never
 //! prefilled here: its state is `Unpinned`, requests may still name it and get it assembled
 //! from its tokens (cold), and turning `pin` on or off later pins or releases its KV.
+//!
+//! Which skills a request gets (named, detected by the router, or detected here) is resolved
+//! in the `resolve` submodule.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,8 +35,10 @@ use crate::skills::assembly::{PromptSkill, TokenizedSkill, tokenize_skill};
 use crate::skills::store::SkillStore;
 
 mod prefill;
+mod resolve;
 
 pub use prefill::LOADED_FROM_STORE;
+pub use resolve::{ResolveSkillsError, ResolvedSkill, SkillSelection};
 
 /// Limits of the registry.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,54 +127,6 @@ impl SkillCounters {
         self.saved_nanos
             .fetch_add(cached.saturating_mul(per_token), Ordering::Relaxed);
     }
-}
-
-/// A skill chosen for a request: the version it uses and where to count its use.
-#[derive(Debug, Clone)]
-pub struct ResolvedSkill {
-    /// The skill's name.
-    pub name: String,
-    /// The version the request is assembled with.
-    pub version: Arc<SkillVersion>,
-    /// Whether that version's KV is pinned.
-    pub warm: bool,
-    /// Whether its KV, though not pinned, was found in the prefix cache (an earlier request
-    /// prefilled it; see [`crate::skills::unpinned`]). Set after resolution.
-    pub cached: bool,
-    /// How it is assembled into the request (its `spec.assembly`).
-    pub assembly: Assembly,
-    /// Its counters.
-    pub counters: Arc<SkillCounters>,
-}
-
-/// Which skills a request wants.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SkillSelection {
-    /// Detect them from the request's text.
-    Auto,
-    /// Exactly these (possibly none).
-    Named(Vec<String>),
-}
-
-/// Why a request's skills could not be resolved.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ResolveSkillsError {
-    /// A named skill is not on this daemon.
-    #[error("unknown skill `{name}`; this daemon has: {known}")]
-    UnknownSkill {
-        /// The name.
-        name: String,
-        /// The names it has, comma-separated.
-        known: String,
-    },
-    /// Too many skills named.
-    #[error("{count} skills named; at most {max} per request")]
-    TooMany {
-        /// How many were named.
-        count: usize,
-        /// The bound.
-        max: usize,
-    },
 }
 
 #[derive(Debug)]
@@ -509,79 +466,5 @@ impl SkillRegistry {
                 }
             }
         });
-    }
-
-    /// The skills for a request; `query` is the text detection looks at.
-    pub fn resolve(
-        &self,
-        selection: &SkillSelection,
-        query: &str,
-    ) -> Result<Vec<ResolvedSkill>, ResolveSkillsError> {
-        let mut state = self.lock();
-        let names: Vec<String> = match selection {
-            SkillSelection::Named(names) => {
-                if names.len() > self.config.max_skills_per_request {
-                    return Err(ResolveSkillsError::TooMany {
-                        count: names.len(),
-                        max: self.config.max_skills_per_request,
-                    });
-                }
-                let mut names = names.clone();
-                names.sort();
-                names.dedup();
-                names
-            }
-            SkillSelection::Auto => {
-                let detector = match &state.detector {
-                    Some(detector) => detector.clone(),
-                    None => {
-                        let cards = state.skills.iter().map(|(name, entry)| {
-                            let mut card = entry.latest.document.card();
-                            card.name = name.clone();
-                            card
-                        });
-                        let detector = Arc::new(self.config.detector.build(cards));
-                        state.detector = Some(detector.clone());
-                        state.detector_builds += 1;
-                        detector
-                    }
-                };
-                let mut names: Vec<String> = detector
-                    .detect(query)
-                    .into_iter()
-                    .map(|detection| detection.name)
-                    .collect();
-                names.sort();
-                names
-            }
-        };
-        names
-            .into_iter()
-            .map(|name| {
-                let Some(entry) = state.skills.get(&name) else {
-                    let known: Vec<&str> = state.skills.keys().map(String::as_str).collect();
-                    return Err(ResolveSkillsError::UnknownSkill {
-                        name,
-                        known: if known.is_empty() {
-                            "no skills".to_string()
-                        } else {
-                            known.join(", ")
-                        },
-                    });
-                };
-                let (version, warm) = match &entry.serving {
-                    Some(serving) => (serving.version.clone(), true),
-                    None => (entry.latest.clone(), false),
-                };
-                Ok(ResolvedSkill {
-                    name,
-                    version,
-                    warm,
-                    cached: false,
-                    assembly: entry.assembly,
-                    counters: entry.counters.clone(),
-                })
-            })
-            .collect()
     }
 }
