@@ -4,7 +4,7 @@
 //! request gets the skills it was routed for even where the daemon's own detection would
 //! choose others. Without the header the daemon detects for itself; a request that names its
 //! skills is served with those whatever the header says; a header that is not text is a 400
-//! in OpenAI's error shape.
+//! in OpenAI's error shape; `skillkv_skill_selections_total` counts each way of choosing.
 
 mod server_support;
 
@@ -13,7 +13,7 @@ use skillkv_api::skills::DETECTED_SKILLS_HEADER;
 use skillkv_daemon::engine::testing::{TinyModelSpec, write_tiny_gguf};
 
 use server_support::{
-    API_KEY, apply_desired, header, request_with_headers, start, wait_until_ready,
+    API_KEY, apply_desired, exchange, header, request_with_headers, start, wait_until_ready,
 };
 
 /// A pinned skill whose card is about `topic` (its keywords).
@@ -94,4 +94,12 @@ fn the_routers_detection_is_served_when_the_request_names_no_skills() {
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains(DETECTED_SKILLS_HEADER), "{message}");
+
+    // Each served request is counted by how its skills were chosen; the refused one is not.
+    let (status, _, metrics) = exchange(&daemon.public, "GET", "/metrics", API_KEY, &[], None);
+    assert_eq!(status, 200);
+    for (selection, count) in [("detected", 1), ("routed", 2), ("named", 1)] {
+        let line = format!("skillkv_skill_selections_total{{selection=\"{selection}\"}} {count}");
+        assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
+    }
 }

@@ -20,7 +20,7 @@ use crate::engine::EngineStats;
 use crate::server::AppState;
 use crate::server::errors::ApiError;
 use crate::server::skill_metrics::SkillMetrics;
-use crate::skills::UnpinnedPrepared;
+use crate::skills::{SkillSelection, UnpinnedPrepared};
 use crate::telemetry::GpuSample;
 
 /// Why the metrics could not be set up or rendered.
@@ -44,6 +44,7 @@ pub struct Metrics {
     prompt_tokens: IntCounter,
     completion_tokens: IntCounter,
     cached_tokens: IntCounter,
+    skill_selections: IntCounterVec,
     unpinned_skills: IntCounterVec,
     kv_blocks: IntGaugeVec,
     hit_ratio: Gauge,
@@ -115,6 +116,14 @@ impl Metrics {
             cached_tokens: IntCounter::new(
                 "skillkv_cached_prompt_tokens_total",
                 "Prompt tokens served from the prefix cache",
+            )?,
+            skill_selections: IntCounterVec::new(
+                Opts::new(
+                    "skillkv_skill_selections_total",
+                    "Chat requests by how their skills were chosen: named in the request, \
+                     detected here, or detected by the router (x-skillkv-detected-skills)",
+                ),
+                &["selection"],
             )?,
             unpinned_skills: IntCounterVec::new(
                 Opts::new(
@@ -192,6 +201,7 @@ impl Metrics {
             Box::new(metrics.cached_tokens.clone()),
             Box::new(metrics.unpinned_skills.clone()),
             Box::new(metrics.kv_blocks.clone()),
+            Box::new(metrics.skill_selections.clone()),
             Box::new(metrics.hit_ratio.clone()),
             Box::new(metrics.running.clone()),
             Box::new(metrics.waiting.clone()),
@@ -209,6 +219,13 @@ impl Metrics {
             metrics.registry.register(collector)?;
         }
         Ok(metrics)
+    }
+
+    /// Counts one chat request's way of choosing its skills.
+    pub fn record_skill_selection(&self, selection: &SkillSelection) {
+        self.skill_selections
+            .with_label_values(&[selection.label()])
+            .inc();
     }
 
     /// Counts what one request's unpinned skills needed ([`UnpinnedPrepared`]).

@@ -128,6 +128,7 @@ pub async fn create(
         .find(|message| message.role == "user")
         .map_or("", |message| message.content.as_str());
     let resolved = serving.skills.resolve(&selection, query)?;
+    state.metrics.record_skill_selection(&selection);
     let versions: Vec<&SkillVersion> = resolved.iter().map(|skill| &*skill.version).collect();
     let prompt = assemble_chat(&serving.template, &serving.tokenizer, &versions, &messages)?;
     if state.config.log_content {

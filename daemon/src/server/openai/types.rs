@@ -126,19 +126,17 @@ impl CommonFields {
         &self,
         detected_by_router: Option<&HeaderValue>,
     ) -> Result<SkillSelection, ApiError> {
-        let auto = || {
-            match detected_by_router {
+        let auto = || match detected_by_router {
             None => Ok(SkillSelection::Auto),
             Some(value) => value
                 .to_str()
                 .map(|value| SkillSelection::Routed(parse_detected_skills(value)))
                 .map_err(|_| ApiError::BadRequest {
                     message: format!(
-                        "the {DETECTED_SKILLS_HEADER} header must be skill names separated by commas"
+                        "the {DETECTED_SKILLS_HEADER} header must be comma-separated skill names"
                     ),
                     param: None,
                 }),
-        }
         };
         match &self.skills {
             None => auto(),

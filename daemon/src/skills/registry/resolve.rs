@@ -42,6 +42,16 @@ impl SkillSelection {
     pub fn is_detected(&self) -> bool {
         !matches!(self, Self::Named(_))
     }
+
+    /// `named`, `detected` (here) or `routed` (detected by the router): the label of
+    /// `skillkv_skill_selections_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Named(_) => "named",
+            Self::Auto => "detected",
+            Self::Routed(_) => "routed",
+        }
+    }
 }
 
 /// Why a request's skills could not be resolved.
