@@ -21,7 +21,7 @@ use crate::auth::{Authentication, Caller};
 use crate::client::{Upstream, get_request};
 use crate::config::RouterConfig;
 use crate::error::RouteRequestError;
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, Pod};
 use crate::metrics::RouterMetrics;
 use crate::proxy::{Dispatch, forward};
 use crate::request::{Endpoint, RequestSummary, summarize};
@@ -130,8 +130,9 @@ fn authenticate(state: &Shared, request: &Request) -> Result<Caller, RouteReques
     }
 }
 
-/// The skills a request needs: the ones it names, or those detected in its text.
-fn request_skills(fleet: &Fleet, summary: &RequestSummary) -> Vec<String> {
+/// The skills a request needs: the ones it names, or those detected in its text among the
+/// skills of its `pool`.
+fn request_skills(fleet: &Fleet, pool: &[Arc<Pod>], summary: &RequestSummary) -> Vec<String> {
     if let Some(skills) = &summary.skills {
         return skills.clone();
     }
@@ -139,7 +140,7 @@ fn request_skills(fleet: &Fleet, summary: &RequestSummary) -> Vec<String> {
         return Vec::new();
     }
     let mut names: Vec<String> = fleet
-        .detector()
+        .detector(pool)
         .detect(&summary.detection_text)
         .into_iter()
         .map(|d| d.name)
@@ -200,7 +201,7 @@ async fn route_and_forward(
         });
     }
     let detected = summary.skills.is_none();
-    let skills = request_skills(&state.fleet, &summary);
+    let skills = request_skills(&state.fleet, &pool, &summary);
     let candidates =
         state
             .fleet

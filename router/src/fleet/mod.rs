@@ -10,7 +10,7 @@ pub mod membership;
 pub mod prefix;
 pub mod sse;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -222,6 +222,15 @@ impl Pod {
 /// integer-array `prompt`); the only case the router can hash prefix blocks without a tokenizer.
 pub type PromptTokens<'a> = Option<&'a [u32]>;
 
+/// The skill detectors of the pools requests were routed to.
+#[derive(Debug, Default)]
+struct PoolDetectors {
+    /// The skills epoch they were built at (all are dropped when it moves).
+    built_at: u64,
+    /// Per pool (its pods' indices), the detector over the skills its pods know.
+    by_pool: HashMap<Vec<usize>, Arc<SkillDetector>>,
+}
+
 /// Every daemon.
 #[derive(Debug)]
 pub struct Fleet {
@@ -230,7 +239,7 @@ pub struct Fleet {
     prefix_index_blocks: usize,
     skills_epoch: Arc<AtomicU64>,
     detector_settings: DetectorSettings,
-    detector: Mutex<Option<(u64, Arc<SkillDetector>)>>,
+    detectors: Mutex<PoolDetectors>,
     declared_adapters: RwLock<Arc<BTreeMap<String, String>>>,
 }
 
@@ -247,7 +256,7 @@ impl Fleet {
             prefix_index_blocks,
             skills_epoch: Arc::new(AtomicU64::new(0)),
             detector_settings,
-            detector: Mutex::new(None),
+            detectors: Mutex::default(),
             declared_adapters: RwLock::default(),
         };
         let pods = backends.into_iter().map(|b| fleet.new_pod(b)).collect();
@@ -310,21 +319,25 @@ impl Fleet {
             .collect()
     }
 
-    /// The skill detector over every skill the fleet knows, rebuilt when a skill appears, goes
-    /// or gets another description or keywords (not when its phase changes).
-    pub fn detector(&self) -> Arc<SkillDetector> {
+    /// The skill detector over the skills the pods of `pool` know — a request for one model
+    /// is never given a skill of another — rebuilt when a skill appears, goes or gets another
+    /// description or keywords (not when its phase changes), or when the pool has other pods.
+    pub fn detector(&self, pool: &[Arc<Pod>]) -> Arc<SkillDetector> {
         let epoch = self.skills_epoch.load(Ordering::Relaxed);
+        let key: Vec<usize> = pool.iter().map(|pod| pod.index).collect();
         let mut cached = self
-            .detector
+            .detectors
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((built, detector)) = cached.as_ref()
-            && *built == epoch
-        {
+        if cached.built_at != epoch {
+            cached.built_at = epoch;
+            cached.by_pool.clear();
+        }
+        if let Some(detector) = cached.by_pool.get(&key) {
             return detector.clone();
         }
         let mut cards: BTreeMap<String, SkillCard> = BTreeMap::new();
-        for pod in self.pods().iter() {
+        for pod in pool {
             for skill in pod.state().skills.values() {
                 cards
                     .entry(skill.name.clone())
@@ -336,7 +349,7 @@ impl Fleet {
             }
         }
         let detector = Arc::new(self.detector_settings.build(cards.into_values()));
-        *cached = Some((epoch, detector.clone()));
+        cached.by_pool.insert(key, detector.clone());
         detector
     }
 

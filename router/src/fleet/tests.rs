@@ -246,7 +246,12 @@ fn the_prefix_index_fits_the_pool_and_keeps_a_skill_in_use() {
 fn the_detector_follows_skill_changes() {
     let fleet = fleet(1);
     let pod = &fleet.pods()[0];
-    assert!(fleet.detector().detect("postgres sql query").is_empty());
+    assert!(
+        fleet
+            .detector(&fleet.pods())
+            .detect("postgres sql query")
+            .is_empty()
+    );
     pod.apply_event(AdminEvent::SkillState(skill(
         "cooking",
         PlacementState::Ready,
@@ -258,33 +263,83 @@ fn the_detector_follows_skill_changes() {
         "Writing SQL queries for Postgres databases.",
     )));
     let found: Vec<String> = fleet
-        .detector()
+        .detector(&fleet.pods())
         .detect("write a postgres sql query")
         .into_iter()
         .map(|d| d.name)
         .collect();
     assert_eq!(found, ["sql"]);
     // A phase change keeps the detector; a new description rebuilds it.
-    let built = fleet.detector();
+    let built = fleet.detector(&fleet.pods());
     pod.apply_event(AdminEvent::SkillState(skill(
         "sql",
         PlacementState::Prefilling,
         "Writing SQL queries for Postgres databases.",
     )));
-    assert!(Arc::ptr_eq(&built, &fleet.detector()));
+    assert!(Arc::ptr_eq(&built, &fleet.detector(&fleet.pods())));
     pod.apply_event(AdminEvent::SkillState(skill(
         "sql",
         PlacementState::Ready,
         "Tuning slow SQL queries in Postgres.",
     )));
-    assert!(!Arc::ptr_eq(&built, &fleet.detector()));
+    assert!(!Arc::ptr_eq(&built, &fleet.detector(&fleet.pods())));
     pod.apply_event(AdminEvent::SkillRemoved {
         name: "sql".to_string(),
     });
     assert!(
         fleet
-            .detector()
+            .detector(&fleet.pods())
             .detect("write a postgres sql query")
             .is_empty()
+    );
+}
+
+#[test]
+fn each_pool_detects_only_the_skills_of_its_own_pods() {
+    let fleet = fleet(2);
+    let pods = fleet.pods();
+    let sql = skill(
+        "sql",
+        PlacementState::Ready,
+        "Writing SQL queries for Postgres databases.",
+    );
+    let cooking = skill(
+        "cooking",
+        PlacementState::Ready,
+        "Recipes for pasta and bread.",
+    );
+    pods[0].apply_snapshot(snapshot("coder", vec![sql]));
+    pods[1].apply_snapshot(snapshot("chef", vec![cooking]));
+    let detect = |model: &str, text: &str| -> Vec<String> {
+        fleet
+            .detector(&fleet.pool(model))
+            .detect(text)
+            .into_iter()
+            .map(|d| d.name)
+            .collect()
+    };
+    assert_eq!(detect("coder", "write a postgres sql query"), ["sql"]);
+    assert!(detect("chef", "write a postgres sql query").is_empty());
+    assert_eq!(
+        detect("chef", "bake bread with a pasta recipe"),
+        ["cooking"]
+    );
+    assert!(detect("coder", "bake bread with a pasta recipe").is_empty());
+    // Each pool keeps its detector until skills change.
+    let coder = fleet.detector(&fleet.pool("coder"));
+    assert!(Arc::ptr_eq(&coder, &fleet.detector(&fleet.pool("coder"))));
+    assert!(!Arc::ptr_eq(&coder, &fleet.detector(&fleet.pool("chef"))));
+    // The chef pod switches to the coder model: its skill is detected for coder requests.
+    pods[1].apply_snapshot(snapshot(
+        "coder",
+        vec![skill(
+            "cooking",
+            PlacementState::Ready,
+            "Recipes for pasta and bread.",
+        )],
+    ));
+    assert_eq!(
+        detect("coder", "bake bread with a pasta recipe"),
+        ["cooking"]
     );
 }
