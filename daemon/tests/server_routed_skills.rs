@@ -1,6 +1,6 @@
 //! `skillkv serve` on the tiny synthetic model as the router uses it: a request that names no
 //! skills but carries the router's detection (`x-skillkv-detected-skills`) is served with
-//! exactly those skills — the ones this daemon has — and says `selection=detected`, so a
+//! exactly those skills — the ones this daemon has — and says `selection=routed`, so a
 //! request gets the skills it was routed for even where the daemon's own detection would
 //! choose others. Without the header the daemon detects for itself; a request that names its
 //! skills is served with those whatever the header says; a header that is not text is a 400
@@ -78,12 +78,12 @@ fn the_routers_detection_is_served_when_the_request_names_no_skills() {
     assert_eq!(status, 200, "{body}");
     served_as(
         &headers,
-        "mode=exact; skills=alpha; selection=detected; warm=alpha;",
+        "mode=exact; skills=alpha; selection=routed; warm=alpha;",
     );
     // The router detected nothing: no skill, not the daemon's own choice.
     let (status, headers, body) = chat(Some(json!("auto")), Some(b""));
     assert_eq!(status, 200, "{body}");
-    served_as(&headers, "mode=exact; skills=none; selection=detected;");
+    served_as(&headers, "mode=exact; skills=none; selection=routed;");
     // Named skills are served whatever the header says.
     let (status, headers, body) = chat(Some(json!(["beta"])), Some(b"alpha"));
     assert_eq!(status, 200, "{body}");

@@ -57,8 +57,10 @@ pub struct Dispatch {
     pub model: String,
     /// The skills it needs: each pod it is sent to counts their KV as just used.
     pub skills: Vec<String>,
-    /// Whether the router detected `skills` (the request named none): they travel to the
-    /// daemon in [`DETECTED_SKILLS_HEADER`], so it serves the skills it was chosen for.
+    /// Whether the router detected `skills` for a chat request that named none: they travel
+    /// in [`DETECTED_SKILLS_HEADER`] to a pod whose skills the router knows
+    /// ([`Pod::reports_skills`]), so it serves the skills it was chosen for; any other pod
+    /// detects for itself.
     pub detected: bool,
     /// Where to send it.
     pub decision: Decision,
@@ -85,7 +87,7 @@ fn upstream_request(
     for (name, value) in dispatch.headers.iter().filter(|(n, _)| forwardable(n)) {
         builder = builder.header(name, value);
     }
-    if dispatch.detected {
+    if dispatch.detected && pod.reports_skills() {
         builder = builder.header(
             DETECTED_SKILLS_HEADER,
             detected_skills_value(&dispatch.skills),

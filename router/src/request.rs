@@ -76,6 +76,7 @@ pub fn summarize(endpoint: Endpoint, body: &[u8]) -> Result<RequestSummary, Rout
         .to_string();
     let skills = match fields.get("skills") {
         None | Some(Value::Null) => None,
+        Some(Value::String(keyword)) if keyword == "auto" => None,
         Some(Value::Array(items)) => {
             let mut names = items
                 .iter()
@@ -169,6 +170,14 @@ mod tests {
         let ids =
             summarize(Endpoint::Completions, br#"{"model":"m","prompt":[1,2,3]}"#).expect("parses");
         assert_eq!(ids.prompt_tokens, Some(vec![1, 2, 3]));
+    }
+
+    #[test]
+    fn auto_skills_mean_detection() {
+        let body = br#"{"model":"m","skills":"auto","messages":[{"role":"user","content":"q"}]}"#;
+        let summary = summarize(Endpoint::ChatCompletions, body).expect("parses");
+        assert_eq!(summary.skills, None);
+        assert_eq!(summary.detection_text, "q");
     }
 
     #[test]

@@ -200,7 +200,7 @@ async fn route_and_forward(
             model: summary.model,
         });
     }
-    let detected = summary.skills.is_none();
+    let detected = summary.skills.is_none() && endpoint == Endpoint::ChatCompletions;
     let skills = request_skills(&state.fleet, &pool, &summary);
     let candidates =
         state

@@ -324,9 +324,15 @@ async fn requests_go_where_their_skills_are_ready() {
     );
     assert_eq!(response.headers()["x-skillkv-route"], "skill-hit");
     assert_eq!(seen_detected(&warm), Some(None));
-    // Detected from the text: the daemon is told what the router detected.
+    // Detected from the text: the daemon is told what the router detected, and only that.
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "write a postgres sql query with a join"}]});
-    let response = router.post("/v1/chat/completions", body.clone(), &[]).await;
+    let response = router
+        .post(
+            "/v1/chat/completions",
+            body.clone(),
+            &[("x-skillkv-detected-skills", "cooking")],
+        )
+        .await;
     assert_eq!(
         response.headers()["x-skillkv-backend"],
         warm.name().as_str()
@@ -400,4 +406,30 @@ async fn a_pod_whose_event_stream_drops_is_avoided_until_it_returns() {
     router.wait_healthy(2).await;
     let response = router.post("/v1/chat/completions", body, &[]).await;
     assert_eq!(response.headers()["x-skillkv-backend"], a.name().as_str());
+}
+
+#[tokio::test]
+async fn a_daemon_whose_skills_the_router_does_not_know_detects_for_itself() {
+    let daemon = FakeDaemon::start("a", "m", Vec::new(), None).await;
+    let router = TestRouter::start(config(vec![daemon.backend_without_admin()])).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "a sql query"}]});
+    let response = router
+        .post(
+            "/v1/chat/completions",
+            body,
+            &[("x-skillkv-detected-skills", "cooking")],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = daemon
+        .state
+        .seen_detected_skills
+        .lock()
+        .expect("lock")
+        .clone();
+    assert_eq!(
+        seen,
+        [None],
+        "no detection handed over, not even the client's"
+    );
 }

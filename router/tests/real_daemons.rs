@@ -162,7 +162,7 @@ async fn requests_land_on_the_daemon_that_holds_their_skill() {
                 }
             }
         }
-        // Without `skills`, the router detects the skill in the text as the daemon does.
+        // Without `skills`, the router detects the skill in the text and hands it to the daemon.
         let response = within(
             REQUEST_LIMIT,
             "a detected request",
@@ -183,7 +183,7 @@ async fn requests_land_on_the_daemon_that_holds_their_skill() {
         assert_eq!(header(&response, "x-skillkv-backend"), fleet[1].name());
         let cache = header(&response, "x-skillkv-cache");
         assert!(
-            cache.contains("selection=detected") && cache.contains("warm=beta"),
+            cache.contains("selection=routed") && cache.contains("warm=beta"),
             "{cache}"
         );
     })

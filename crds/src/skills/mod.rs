@@ -13,4 +13,4 @@ mod text;
 pub use detect::{Detection, DetectorConfig, DetectorSettings, SkillCard, SkillDetector};
 pub use embedding::{LoadEmbeddingsError, TextEmbedder};
 pub use handoff::{DETECTED_SKILLS_HEADER, detected_skills_value, parse_detected_skills};
-pub use skill_md::{FrontMatter, ParseSkillError, SkillDocument};
+pub use skill_md::{FrontMatter, ParseSkillError, SkillDocument, is_skill_object_name};

@@ -161,6 +161,21 @@ impl SkillDocument {
     }
 }
 
+/// Whether `name` can name a skill the way a Kubernetes object is named (a DNS-1123
+/// subdomain: 1–253 lowercase letters, digits, `-` and `.`, starting and ending with a letter
+/// or digit) — the names the operator sends in a daemon's desired state. Such a name is safe
+/// in a file name (the node's KV store), a header (`x-skillkv-detected-skills`, `x-skillkv-cache`)
+/// and a metric label.
+pub fn is_skill_object_name(name: &str) -> bool {
+    let edge = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    name.len() <= 253
+        && edge(name.bytes().next())
+        && edge(name.bytes().last())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
 fn check_fields(origin: &Path, yaml: &str, fm: &FrontMatter) -> Result<(), ParseSkillError> {
     let invalid = |field: &'static str, problem: String| ParseSkillError::InvalidField {
         path: origin.to_owned(),
@@ -217,6 +232,28 @@ fn line_of_key(yaml: &str, key: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_names_are_dns_subdomains() {
+        for good in ["a", "sql-tuning", "team.sql-2", &"a".repeat(253)] {
+            assert!(is_skill_object_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            ".a",
+            "A",
+            "a_b",
+            "a,b",
+            "a b",
+            "../a",
+            "é",
+            &"a".repeat(254),
+        ] {
+            assert!(!is_skill_object_name(bad), "{bad}");
+        }
+    }
 
     fn parse(text: &str) -> Result<SkillDocument, ParseSkillError> {
         SkillDocument::parse(Path::new("skills/x/SKILL.md"), text.to_owned())

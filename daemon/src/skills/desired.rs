@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use skillkv_api::admin::{
     AdapterPhase, AdapterState, AdminEvent, DesiredState, DesiredStateApplied, SkillOrigin,
 };
-use skillkv_api::skills::SkillDocument;
+use skillkv_api::skills::{SkillDocument, is_skill_object_name};
 
 use crate::skills::registry::{SkillRegistry, SkillUpdate};
 
@@ -183,6 +183,13 @@ fn parse_skills(desired: &DesiredState) -> Result<Vec<SkillUpdate>, ApplyDesired
                 name: skill.name.clone(),
                 problem,
             };
+            if !is_skill_object_name(&skill.name) {
+                return Err(invalid(
+                    "a skill's name must be 1-253 lowercase letters, digits, '-' and '.', \
+                     starting and ending with a letter or digit (a Kubernetes object name)"
+                        .to_string(),
+                ));
+            }
             if !seen.insert(skill.name.as_str()) {
                 return Err(invalid("listed twice".to_string()));
             }
@@ -199,4 +206,56 @@ fn parse_skills(desired: &DesiredState) -> Result<Vec<SkillUpdate>, ApplyDesired
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skillkv_api::admin::DesiredSkill;
+    use skillkv_api::v1alpha1::Assembly;
+
+    fn desired(names: &[&str]) -> DesiredState {
+        DesiredState {
+            generation: 1,
+            skills: names
+                .iter()
+                .map(|name| DesiredSkill {
+                    name: name.to_string(),
+                    content: "---\nname: some-skill\ndescription: d\n---\nbody\n".to_string(),
+                    priority: 0,
+                    assembly: Assembly::default(),
+                    pin: true,
+                })
+                .collect(),
+            adapters: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn skill_names_must_be_kubernetes_object_names() {
+        for bad in [
+            "../escape",
+            "a,b",
+            "Upper",
+            "",
+            "-lead",
+            "trail.",
+            "with space",
+            "ünï",
+        ] {
+            match parse_skills(&desired(&[bad])) {
+                Err(ApplyDesiredStateError::InvalidSkill { name, problem }) => {
+                    assert_eq!(name, bad);
+                    assert!(problem.contains("Kubernetes object name"), "{problem}");
+                }
+                other => panic!("{bad:?} was accepted: {other:?}"),
+            }
+        }
+        let names: Vec<String> = parse_skills(&desired(&["sql-tuning", "team.sql-2"]))
+            .expect("valid names")
+            .into_iter()
+            .map(|update| update.name)
+            .collect();
+        assert_eq!(names, ["sql-tuning", "team.sql-2"]);
+    }
 }

@@ -116,6 +116,12 @@ impl Pod {
         InFlight(self.clone())
     }
 
+    /// Whether the router knows the skills it has: it has an admin API and its state has been
+    /// read. Only then does the router's detection stand for the daemon's.
+    pub fn reports_skills(&self) -> bool {
+        self.backend.admin_url.is_some() && self.state().model.is_some()
+    }
+
     /// Whether routing should prefer it.
     pub fn is_healthy(&self, now: Instant) -> bool {
         let state = self.state();
@@ -225,7 +231,7 @@ pub type PromptTokens<'a> = Option<&'a [u32]>;
 /// The skill detectors of the pools requests were routed to.
 #[derive(Debug, Default)]
 struct PoolDetectors {
-    /// The skills epoch they were built at (all are dropped when it moves).
+    /// The newest skills epoch seen (all detectors are dropped when it moves on).
     built_at: u64,
     /// Per pool (its pods' indices), the detector over the skills its pods know.
     by_pool: HashMap<Vec<usize>, Arc<SkillDetector>>,
@@ -329,11 +335,12 @@ impl Fleet {
             .detectors
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cached.built_at != epoch {
+        if epoch > cached.built_at {
             cached.built_at = epoch;
             cached.by_pool.clear();
         }
-        if let Some(detector) = cached.by_pool.get(&key) {
+        let current = epoch == cached.built_at;
+        if current && let Some(detector) = cached.by_pool.get(&key) {
             return detector.clone();
         }
         let mut cards: BTreeMap<String, SkillCard> = BTreeMap::new();
@@ -349,7 +356,11 @@ impl Fleet {
             }
         }
         let detector = Arc::new(self.detector_settings.build(cards.into_values()));
-        cached.by_pool.insert(key, detector.clone());
+        // Built from the skills as they are now, which may be newer than `epoch`: cached only
+        // under the epoch the cache is at, so a later skills change still rebuilds it.
+        if current {
+            cached.by_pool.insert(key, detector.clone());
+        }
         detector
     }
 

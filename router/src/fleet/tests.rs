@@ -342,4 +342,6 @@ fn each_pool_detects_only_the_skills_of_its_own_pods() {
         detect("coder", "bake bread with a pasta recipe"),
         ["cooking"]
     );
+    // ... and no longer for chef requests, whose pool it left.
+    assert!(detect("chef", "bake bread with a pasta recipe").is_empty());
 }

@@ -51,7 +51,8 @@ pub struct FakeState {
     pub skills: Mutex<Vec<SkillState>>,
     pub admin_up: Mutex<bool>,
     pub seen_request_ids: Mutex<Vec<String>>,
-    /// Per generation request, its `x-skillkv-detected-skills` header (`None`: absent).
+    /// Per generation request, its `x-skillkv-detected-skills` headers joined by " | "
+    /// (`None`: absent).
     pub seen_detected_skills: Mutex<Vec<Option<String>>>,
 }
 
@@ -138,11 +139,16 @@ async fn generate(
             .expect("lock")
             .push(id.to_string());
     }
-    state.seen_detected_skills.lock().expect("lock").push(
-        headers
-            .get(DETECTED_SKILLS_HEADER)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
-    );
+    let detected: Vec<String> = headers
+        .get_all(DETECTED_SKILLS_HEADER)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    state
+        .seen_detected_skills
+        .lock()
+        .expect("lock")
+        .push((!detected.is_empty()).then(|| detected.join(" | ")));
     let mode = *state.mode.lock().expect("lock");
     if mode == Mode::Unavailable {
         return (

@@ -128,7 +128,6 @@ pub async fn create(
         .find(|message| message.role == "user")
         .map_or("", |message| message.content.as_str());
     let resolved = serving.skills.resolve(&selection, query)?;
-    state.metrics.record_skill_selection(&selection);
     let versions: Vec<&SkillVersion> = resolved.iter().map(|skill| &*skill.version).collect();
     let prompt = assemble_chat(&serving.template, &serving.tokenizer, &versions, &messages)?;
     if state.config.log_content {
@@ -136,8 +135,9 @@ pub async fn create(
     }
     let mut skills = PromptSkills {
         skills: resolved.into_iter().zip(prompt.skill_spans).collect(),
-        detected: selection.is_detected(),
+        selection: selection.label(),
     };
+    state.metrics.record_skill_selection(&selection);
     let prepared = serving
         .unpinned
         .prepare(&serving.engine, &mut skills.skills)

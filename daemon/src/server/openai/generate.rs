@@ -16,18 +16,28 @@ use crate::engine::{
 use crate::server::AppState;
 use crate::server::errors::ApiError;
 use crate::server::metrics::{Metrics, TokenUsage};
-use crate::skills::{ResolvedSkill, modular_spans};
+use crate::skills::{ResolvedSkill, SkillSelection, modular_spans};
 
 /// Response header naming the cache mode and the skills used.
 pub const CACHE_HEADER: &str = "x-skillkv-cache";
 
 /// The skills a prompt was assembled with: for the cache header and per-skill accounting.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PromptSkills {
     /// Each skill and the prompt-token range of its segment.
     pub skills: Vec<(ResolvedSkill, Range<usize>)>,
-    /// Whether they were detected (rather than named by the request).
-    pub detected: bool,
+    /// How they were chosen: `named`, `detected` or `routed` ([`SkillSelection::label`]).
+    pub selection: &'static str,
+}
+
+impl Default for PromptSkills {
+    /// No skills, as named (`/v1/completions`).
+    fn default() -> Self {
+        Self {
+            skills: Vec::new(),
+            selection: SkillSelection::Named(Vec::new()).label(),
+        }
+    }
 }
 
 impl PromptSkills {
@@ -52,9 +62,10 @@ impl PromptSkills {
         }
     }
 
-    /// `x-skillkv-cache: mode=exact|modular; skills=a,b; selection=named|detected; warm=a;
-    /// cached=b` — the assembly mode (exact prefix reuse, or modular: later skills' own KV
-    /// copied and re-rotated), the skills in prompt order, how they were chosen, which of them
+    /// `x-skillkv-cache: mode=exact|modular; skills=a,b; selection=named|detected|routed;
+    /// warm=a; cached=b` — the assembly mode (exact prefix reuse, or modular: later skills' own
+    /// KV copied and re-rotated), the skills in prompt order, how they were chosen (named in the
+    /// request, detected here, or detected by the router), which of them
     /// had pinned KV and which, not pinned, had their KV in the prefix cache from an earlier
     /// request ([`crate::skills::unpinned`]).
     pub fn cache_header(&self) -> (HeaderName, HeaderValue) {
@@ -74,7 +85,7 @@ impl PromptSkills {
         let names = list(|_| true);
         let warm = list(|s| s.warm);
         let cached = list(|s| s.cached);
-        let selection = if self.detected { "detected" } else { "named" };
+        let selection = self.selection;
         let mode = self.mode();
         let value = format!(
             "mode={mode}; skills={names}; selection={selection}; warm={warm}; cached={cached}"
@@ -391,7 +402,7 @@ mod tests {
     fn header(skills: Vec<(ResolvedSkill, Range<usize>)>) -> String {
         let skills = PromptSkills {
             skills,
-            detected: false,
+            ..PromptSkills::default()
         };
         let (name, value) = skills.cache_header();
         assert_eq!(name, CACHE_HEADER);
@@ -424,7 +435,7 @@ mod tests {
                 (skill("a", Assembly::Modular), 0..40),
                 (skill("b", Assembly::Modular), 40..90),
             ],
-            detected: true,
+            selection: "detected",
         };
         assert_eq!(
             skills.modular_spans(8),

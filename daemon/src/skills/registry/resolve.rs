@@ -32,19 +32,14 @@ pub enum SkillSelection {
     Auto,
     /// Exactly these (possibly none).
     Named(Vec<String>),
-    /// Detected by the router over the fleet's skills (`DETECTED_SKILLS_HEADER`): these, less
-    /// any this daemon does not have, at most `max_skills_per_request`.
+    /// Detected by the router over the skills of the model's pods (`DETECTED_SKILLS_HEADER`):
+    /// these, less any this daemon does not have, at most `max_skills_per_request`.
     Routed(Vec<String>),
 }
 
 impl SkillSelection {
-    /// Whether the skills were chosen by detection (here or in the router), not named.
-    pub fn is_detected(&self) -> bool {
-        !matches!(self, Self::Named(_))
-    }
-
-    /// `named`, `detected` (here) or `routed` (detected by the router): the label of
-    /// `skillkv_skill_selections_total`.
+    /// `named`, `detected` (here) or `routed` (detected by the router): the `selection` of
+    /// `x-skillkv-cache` and `skillkv_skill_selections_total`.
     pub fn label(&self) -> &'static str {
         match self {
             Self::Named(_) => "named",
@@ -107,10 +102,11 @@ impl SkillRegistry {
                         "skills the router detected are not on this daemon"
                     );
                 }
-                known
-                    .into_iter()
-                    .take(self.config.max_skills_per_request)
-                    .collect()
+                let max = self.config.max_skills_per_request;
+                if known.len() > max {
+                    tracing::debug!(dropped = ?&known[max..], max, "more skills than a request may use");
+                }
+                known.into_iter().take(max).collect()
             }
             SkillSelection::Auto => {
                 let detector = match &state.detector {
