@@ -183,14 +183,8 @@ fn check_fields(origin: &Path, yaml: &str, fm: &FrontMatter) -> Result<(), Parse
         field,
         problem,
     };
-    let name_ok = !fm.name.is_empty()
-        && fm.name.len() <= 64
-        && fm
-            .name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !fm.name.starts_with('-')
-        && !fm.name.ends_with('-');
+    // An object name without dots, of at most 64 bytes (the Agent Skills rule).
+    let name_ok = fm.name.len() <= 64 && !fm.name.contains('.') && is_skill_object_name(&fm.name);
     if !name_ok {
         return Err(invalid(
             "name",
